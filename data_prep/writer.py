@@ -1,0 +1,161 @@
+"""Atomic, sharded TFRecord writing with a manifest (DESIGN.md contract 4).
+
+Each shard is written under a temporary name and renamed when complete; the manifest
+is written last, atomically, and lists only complete shards with their record counts
+and SHA-256 checksums. Shard names carry a run id, so a new conversion into the same
+folder never touches the shards the current manifest lists: readers see either the
+old output or the new one, never a mix. Shards of the previous run are deleted only
+after the new manifest is in place.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import uuid
+
+from sr_tf import records
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path, payload):
+    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes serialized records into per-split shards of about ``shard_size_mb``.
+
+    Use as a context manager; on an exception nothing is published and the previous
+    output (if any) is left as it was.
+    """
+
+    def __init__(self, output_dir, shard_size_mb=100.0, options=None):
+        self.output_dir = os.fspath(output_dir)
+        self.shard_bytes = max(1, int(shard_size_mb * 1024 * 1024))
+        self.options = dict(options or {})
+        self.run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + (
+            "-" + uuid.uuid4().hex[:6]
+        )
+        self.failed = []
+        self.stats = {}
+        self._shards = []
+        self._open = {}  # split -> [writer, tmp_path, final_name, n_records, n_bytes]
+        self._next_index = {split: 0 for split in records.SPLITS}
+        os.makedirs(self.output_dir, exist_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    def add(self, split, serialized):
+        """Append one serialized record to the current shard of ``split``."""
+        import tensorflow as tf
+
+        if split not in records.SPLITS:
+            raise ValueError(f"unknown split {split!r}")
+        state = self._open.get(split)
+        if state is None:
+            name = records.shard_name(split, self._next_index[split], self.run_id)
+            self._next_index[split] += 1
+            tmp = os.path.join(self.output_dir, f".{name}.incomplete")
+            state = [tf.io.TFRecordWriter(tmp), tmp, name, 0, 0]
+            self._open[split] = state
+        state[0].write(serialized)
+        state[3] += 1
+        state[4] += len(serialized) + 16  # TFRecord framing: length, two CRCs
+        if state[4] >= self.shard_bytes:
+            self._finish(split)
+
+    def fail(self, source, reason):
+        """Record an input that could not be converted."""
+        self.failed.append({"input": os.fspath(source), "reason": str(reason)})
+
+    def _finish(self, split):
+        writer, tmp, name, n_records, _ = self._open.pop(split)
+        writer.close()
+        final = os.path.join(self.output_dir, name)
+        os.replace(tmp, final)
+        self._shards.append(
+            {
+                "file": name,
+                "split": split,
+                "records": n_records,
+                "bytes": os.path.getsize(final),
+                "sha256": _sha256(final),
+            }
+        )
+
+    @property
+    def counts(self):
+        counts = {split: 0 for split in records.SPLITS}
+        for shard in self._shards:
+            counts[shard["split"]] += shard["records"]
+        for split, state in self._open.items():
+            counts[split] += state[3]
+        return counts
+
+    def close(self):
+        """Finish open shards, publish the manifest, then remove the previous run's files."""
+        for split in list(self._open):
+            self._finish(split)
+        previous = self._listed_files()
+        manifest = {
+            "version": records.MANIFEST_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "run_id": self.run_id,
+            "counts": self.counts,
+            "shards": sorted(self._shards, key=lambda s: s["file"]),
+            "failed": self.failed,
+            "stats": self.stats,
+            "options": self.options,
+        }
+        write_json_atomic(os.path.join(self.output_dir, records.MANIFEST_NAME), manifest)
+        current = {shard["file"] for shard in self._shards}
+        leftovers = {
+            name
+            for name in os.listdir(self.output_dir)
+            if name.startswith(".") and name.endswith(records.SHARD_SUFFIX + ".incomplete")
+        }
+        for name in (previous - current) | leftovers:
+            try:
+                os.remove(os.path.join(self.output_dir, name))
+            except FileNotFoundError:
+                pass
+        return manifest
+
+    def abort(self):
+        """Drop everything this run wrote; the published output stays as it was."""
+        for split in list(self._open):
+            writer, tmp, *_ = self._open.pop(split)
+            writer.close()
+            os.remove(tmp)
+        for shard in self._shards:
+            os.remove(os.path.join(self.output_dir, shard["file"]))
+        self._shards = []
+
+    def _listed_files(self):
+        """Shard files the currently published manifest lists (empty if none)."""
+        try:
+            manifest = records.read_manifest(self.output_dir)
+        except records.RecordsError:
+            return set()
+        return {shard["file"] for shard in manifest.get("shards", [])}
