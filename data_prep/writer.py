@@ -12,9 +12,15 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import uuid
 
 from sr_tf import records
+
+# Files this writer creates: finished shards and shards still being written.
+_OWN_FILE = re.compile(
+    r"^\.?(train|val|test)-\d{5}-\d{8}T\d{6}-[0-9a-f]{6}" + re.escape(records.SHARD_SUFFIX) + r"(\.incomplete)?$"
+)
 
 
 def _sha256(path):
@@ -51,6 +57,7 @@ class ShardWriter:
         )
         self.failed = []
         self.stats = {}
+        self.manifest = None
         self._shards = []
         self._open = {}  # split -> [writer, tmp_path, final_name, n_records, n_bytes]
         self._next_index = {split: 0 for split in records.SPLITS}
@@ -129,13 +136,11 @@ class ShardWriter:
             "options": self.options,
         }
         write_json_atomic(os.path.join(self.output_dir, records.MANIFEST_NAME), manifest)
+        self.manifest = manifest
         current = {shard["file"] for shard in self._shards}
-        leftovers = {
-            name
-            for name in os.listdir(self.output_dir)
-            if name.startswith(".") and name.endswith(records.SHARD_SUFFIX + ".incomplete")
-        }
-        for name in (previous - current) | leftovers:
+        # The previous run's shards, and whatever an interrupted run left behind.
+        leftovers = {name for name in os.listdir(self.output_dir) if _OWN_FILE.match(name)}
+        for name in (previous | leftovers) - current:
             try:
                 os.remove(os.path.join(self.output_dir, name))
             except FileNotFoundError:

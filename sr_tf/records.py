@@ -35,7 +35,8 @@ MANIFEST_VERSION = 1
 
 @dataclasses.dataclass
 class SliceRecord:
-    """One slice ready to be written. ``image`` is uint16 (H, W)."""
+    """One slice ready to be written. ``image`` is uint16 (H, W), or None when the
+    already-encoded PNG is passed to :func:`serialize`."""
 
     image: np.ndarray
     modality: str
@@ -67,6 +68,13 @@ def decode_png16(data):
     return image
 
 
+def png_size(png):
+    """(height, width) from a PNG's IHDR chunk."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG")
+    return int.from_bytes(png[20:24], "big"), int.from_bytes(png[16:20], "big")
+
+
 def serialize(record, png=None):
     """``SliceRecord`` -> serialized ``tf.train.Example`` bytes.
 
@@ -85,9 +93,11 @@ def serialize(record, png=None):
     def _floats(values):
         return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
 
-    height, width = record.image.shape
+    if png is None:
+        png = encode_png16(record.image)
+    height, width = png_size(png)
     features = {
-        "image": _bytes(png if png is not None else encode_png16(record.image)),
+        "image": _bytes(png),
         "height": _int(height),
         "width": _int(width),
         "modality": _bytes(record.modality),

@@ -1,0 +1,388 @@
+"""Source readers: DICOM, NIfTI and raster X-rays -> slices in physical units.
+
+Each reader returns a :class:`Volume`: a list of 2-D float arrays in physical units
+(HU for CT, detector value with dense bright for X-ray, signal for MR) plus what the
+record needs (modality, patient id, spacing, the default intensity window). Readers
+raise :class:`InputError` with a reason a user can act on; the caller names the file.
+"""
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+
+from sr_tf import intensity
+
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
+NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+# Transfer syntaxes whose decoders are GPL and therefore not installed by default.
+_GPL_ONLY_SYNTAXES = {
+    "1.2.840.10008.1.2.4.51": "JPEG Extended (12-bit)",
+}
+
+
+class InputError(ValueError):
+    """An input that cannot be converted; the message is the reason."""
+
+
+@dataclasses.dataclass
+class Volume:
+    """Slices of one source unit (a file, a multi-frame file or a DICOM series)."""
+
+    slices: list  # 2-D float64 arrays in physical units
+    modality: str
+    patient_id: str
+    source: str
+    pixel_spacing: tuple  # (row, col) mm, 0 when unknown
+    intensity_range: tuple  # default (min, max) by contract 1
+    slice_indices: list = None
+    slice_sources: list = None  # per-slice source when a series spans files
+
+    def __post_init__(self):
+        if self.slice_indices is None:
+            self.slice_indices = list(range(len(self.slices)))
+        if self.slice_sources is None:
+            self.slice_sources = [self.source] * len(self.slices)
+
+
+def detect_format(path):
+    """``dicom``, ``nifti``, ``raster`` or None, from the name and the DICOM preamble."""
+    lower = path.lower()
+    if lower.endswith(NIFTI_EXTENSIONS):
+        return "nifti"
+    if lower.endswith(RASTER_EXTENSIONS):
+        return "raster"
+    if lower.endswith(DICOM_EXTENSIONS):
+        return "dicom"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return None
+    return "dicom" if head[128:132] == b"DICM" else None
+
+
+def _check_shape(array, source):
+    if array.size == 0 or min(array.shape[-2:]) == 0:
+        raise InputError(f"zero-size image {tuple(array.shape)}")
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def read_dicom_header(path):
+    """Header only (no pixel data), for grouping files into series."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types for corrupt files
+        raise InputError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+
+
+def _functional_group_item(ds, frame, sequence):
+    """The item of ``sequence`` for ``frame`` in an enhanced multi-frame object, if any."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq is not None and len(seq) > index and sequence in seq[index]:
+            items = seq[index][sequence].value
+            if items:
+                return items[0]
+    return None
+
+
+def dicom_pixel_spacing(ds, frame=0):
+    """(row, col) spacing in mm from PixelSpacing, ImagerPixelSpacing or functional groups."""
+    for source in (ds, _functional_group_item(ds, frame, "PixelMeasuresSequence")):
+        if source is None:
+            continue
+        for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+            value = source.get(keyword)
+            if value is not None and len(value) == 2:
+                return float(value[0]), float(value[1])
+    return 0.0, 0.0
+
+
+def _modality_lut(frames, ds):
+    """Apply the modality LUT (rescale) frame by frame, honouring enhanced functional groups."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_modality_lut
+
+    if "RescaleSlope" in ds or "ModalityLUTSequence" in ds or "PerFrameFunctionalGroupsSequence" not in ds:
+        return [np.asarray(apply_modality_lut(f, ds), dtype=np.float64) for f in frames]
+    out = []
+    for index, frame in enumerate(frames):
+        item = _functional_group_item(ds, index, "PixelValueTransformationSequence")
+        lut = Dataset()
+        if item is not None and "RescaleSlope" in item:
+            lut.RescaleSlope = item.RescaleSlope
+            lut.RescaleIntercept = item.RescaleIntercept
+        out.append(np.asarray(apply_modality_lut(frame, lut), dtype=np.float64))
+    return out
+
+
+def _stored_value_range(ds):
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def decode_dicom_frames(ds, path):
+    """Decoded frames of a dataset as a list of 2-D arrays (RGB converted to luminance)."""
+    import cv2
+
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if "SOPClassUID" not in ds and "Modality" not in ds:
+            raise InputError("not a valid DICOM image: no SOP Class UID, Modality or pixel data (corrupt file?)")
+        kind = ds.get("Modality")
+        raise InputError(f"no pixel data (Modality {kind}; e.g. an RT plan or structured report is not an image)")
+    if "Rows" in ds and "Columns" in ds and (int(ds.Rows) == 0 or int(ds.Columns) == 0):
+        raise InputError(f"zero-size image (Rows {ds.Rows}, Columns {ds.Columns})")
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        reason = f"pixel data could not be decoded ({type(exc).__name__}: {exc})"
+        if syntax in _GPL_ONLY_SYNTAXES:
+            reason = (
+                f"{_GPL_ONLY_SYNTAXES[syntax]} pixel data needs the optional GPL-3.0 decoder: "
+                "pip install pylibjpeg-libjpeg"
+            )
+        raise InputError(reason) from exc
+    samples = int(ds.get("SamplesPerPixel", 1))
+    frames_count = int(ds.get("NumberOfFrames", 1) or 1)
+    pixels = np.asarray(pixels)
+    if frames_count == 1:
+        pixels = pixels[np.newaxis]
+    _check_shape(pixels[..., 0] if samples > 1 else pixels, path)
+    if samples == 3:
+        # pydicom returns RGB (YBR is converted by default); luminance by ITU-R BT.601.
+        pixels = np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in pixels])
+    elif samples != 1:
+        raise InputError(f"unsupported SamplesPerPixel {samples}")
+    return list(pixels)
+
+
+def dicom_default_range(ds, modality, slices):
+    if modality == "CT":
+        return intensity.CT_RANGE
+    bits = int(ds.get("BitsStored", 8))
+    if modality in intensity.XRAY_MODALITIES or int(ds.get("SamplesPerPixel", 1)) == 3:
+        return intensity.xray_range(bits)
+    return intensity.percentile_range(np.concatenate([s.ravel() for s in slices]))
+
+
+def dicom_to_physical(ds, path):
+    """Frames of one DICOM dataset in physical units: modality LUT, MONOCHROME1 inverted."""
+    frames = decode_dicom_frames(ds, path)
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        return [f.astype(np.float64) for f in frames]
+    physical = _modality_lut(frames, ds)
+    if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
+        # Invert within the full stored range mapped through the LUT, so dense is bright.
+        lo, hi = (float(v) for v in _modality_lut([np.array(_stored_value_range(ds))], ds)[0])
+        physical = [lo + hi - f for f in physical]
+    return physical
+
+
+def _patient_id(ds, fallback):
+    value = str(ds.get("PatientID", "") or "").strip()
+    return value or fallback
+
+
+def read_dicom(path):
+    """One DICOM file; a multi-frame file gives one slice per frame."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise InputError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    slices = dicom_to_physical(ds, path)
+    modality = str(ds.get("Modality", "OT") or "OT").upper()
+    return Volume(
+        slices=slices,
+        modality=modality,
+        patient_id=_patient_id(ds, str(ds.get("SeriesInstanceUID", "") or path)),
+        source=path,
+        pixel_spacing=dicom_pixel_spacing(ds),
+        intensity_range=dicom_default_range(ds, modality, slices),
+    )
+
+
+def series_sort_key(header, path):
+    """Order slices of a series along the slice normal (ImagePositionPatient), never by number."""
+    position = header.get("ImagePositionPatient")
+    orientation = header.get("ImageOrientationPatient")
+    if position is not None and orientation is not None and len(orientation) == 6:
+        row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+        return (0, float(np.dot(np.cross(row, col), np.asarray(position, float))), path)
+    number = header.get("InstanceNumber")
+    return (1, float(number) if number is not None else 0.0, path)
+
+
+def read_dicom_series(paths):
+    """Single-frame files of one series, already sorted; returns (volume, failures).
+
+    A file that fails to decode is reported and the rest of the series kept.
+    """
+    import pydicom
+
+    slices, indices, sources, failures = [], [], [], []
+    first = None
+    for index, path in enumerate(paths):
+        try:
+            ds = pydicom.dcmread(path)
+            frames = dicom_to_physical(ds, path)
+        except InputError as exc:
+            failures.append((path, str(exc)))
+            continue
+        except Exception as exc:
+            failures.append((path, f"not a readable DICOM file ({type(exc).__name__}: {exc})"))
+            continue
+        first = first if first is not None else ds
+        slices.extend(frames)
+        indices.extend([index] * len(frames))
+        sources.extend([path] * len(frames))
+    if first is None:
+        return None, failures
+    modality = str(first.get("Modality", "OT") or "OT").upper()
+    volume = Volume(
+        slices=slices,
+        modality=modality,
+        patient_id=_patient_id(first, str(first.get("SeriesInstanceUID", "") or os.path.dirname(paths[0]))),
+        source=os.path.dirname(paths[0]) or paths[0],
+        pixel_spacing=dicom_pixel_spacing(first),
+        intensity_range=dicom_default_range(first, modality, slices),
+        slice_indices=indices,
+        slice_sources=sources,
+    )
+    return volume, failures
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+
+def nifti_slices(data, zooms, slice_axis):
+    """Slices of a RAS-oriented 3-D array along ``slice_axis``, in display orientation.
+
+    Each slice is rotated 90 degrees so that rows run top (anterior / superior) to
+    bottom and columns run left to right in the array's first remaining axis.
+    Returns ``(slices, (row_spacing, col_spacing))``.
+    """
+    axis = SLICE_AXES[slice_axis]
+    in_plane = [a for a in range(3) if a != axis]  # (cols axis, rows axis) after rot90
+    moved = np.moveaxis(data, axis, 0)
+    slices = [np.rot90(moved[k]) for k in range(moved.shape[0])]
+    return slices, (float(zooms[in_plane[1]]), float(zooms[in_plane[0]]))
+
+
+def read_nifti(path, slice_axis="axial", volume_index=0, modality=None, patient_id=None):
+    """A NIfTI file reoriented to closest canonical (RAS); returns a list of volumes."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        image = nib.as_closest_canonical(image)
+        data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float64)
+    except Exception as exc:
+        raise InputError(f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    if data.size == 0:
+        raise InputError(f"zero-size image {data.shape}")
+    if not np.all(np.isfinite(data)):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise InputError(f"contains {bad} NaN or Inf voxel(s)")
+    while data.ndim > 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[:, :, np.newaxis]
+    if data.ndim == 3:
+        volumes = [(None, data)]
+    elif data.ndim == 4:
+        count = data.shape[3]
+        if volume_index == "all":
+            volumes = [(t, data[..., t]) for t in range(count)]
+        else:
+            t = int(volume_index)
+            if not 0 <= t < count:
+                raise InputError(f"--volume_index={t} out of range for a 4-D volume of {count} volumes")
+            volumes = [(t, data[..., t])]
+    else:
+        raise InputError(f"unsupported NIfTI dimensionality {data.shape}")
+    zooms = image.header.get_zooms()[:3]
+    pid = patient_id or nifti_stem(path)
+    out = []
+    for t, volume in volumes:
+        if modality is None:
+            kind = "CT" if looks_like_ct(volume) else "MR"
+        else:
+            kind = modality
+        slices, spacing = nifti_slices(volume, zooms, slice_axis)
+        default = intensity.CT_RANGE if kind == "CT" else intensity.percentile_range(volume)
+        source = path if t is None else f"{path}#volume={t}"
+        out.append(Volume(slices, kind, pid, source, spacing, default))
+    return out
+
+
+def looks_like_ct(volume):
+    """CT in HU has air near -1000 in quantity; MR has at most a few negative voxels.
+
+    The 1st percentile below -500 tells the two apart without trusting the minimum,
+    which can be a single negative outlier in an MR reconstruction.
+    """
+    return float(np.percentile(volume, 1)) < -500.0
+
+
+def nifti_stem(path):
+    name = os.path.basename(path)
+    for ext in NIFTI_EXTENSIONS[::-1]:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+# ----------------------------------------------------------------------------- raster
+
+
+def read_raster(path, modality="DX", patient_id=None):
+    """PNG (8/16 bit), JPEG or TIFF X-ray; colour converted to luminance."""
+    import cv2
+
+    if os.path.getsize(path) == 0:
+        raise InputError("empty file (0 bytes)")
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InputError("not a decodable PNG/JPEG/TIFF image (truncated or corrupt?)")
+    if image.ndim == 3:
+        code = {3: cv2.COLOR_BGR2GRAY, 4: cv2.COLOR_BGRA2GRAY}.get(image.shape[2])
+        if code is None:
+            if image.shape[2] != 1:
+                raise InputError(f"unsupported channel count {image.shape[2]}")
+            image = image[..., 0]
+        else:
+            image = cv2.cvtColor(image, code)
+    _check_shape(image, path)
+    if image.dtype == np.uint8:
+        default = intensity.xray_range(8)
+    elif image.dtype == np.uint16:
+        default = intensity.xray_range(16)
+    else:
+        default = intensity.percentile_range(image)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return Volume([image.astype(np.float64)], modality, patient_id or stem, path, (0.0, 0.0), default)
+
+
+def patient_from_path(path, pattern):
+    """Patient id from the first group of ``pattern`` searched in the file name, else None."""
+    if not pattern:
+        return None
+    match = re.search(pattern, os.path.basename(path))
+    if match is None:
+        return None
+    return match.group(1) if match.groups() else match.group(0)
