@@ -1,0 +1,1 @@
+"""Trainers (custom ``train_step``) and the one distributed training loop."""

@@ -1,0 +1,466 @@
+"""The one training loop, for the default, Mirrored and MultiWorkerMirrored strategies.
+
+Keras 3 ``fit()`` fails under MultiWorkerMirroredStrategy (DESIGN.md contract 7), so
+this loop drives ``strategy.run(trainer.train_step, ...)`` inside a ``tf.function``
+for every strategy, with our own checkpoints (``tf.train.CheckpointManager``: step,
+models, optimizers; the last K plus the best by validation PSNR), TensorBoard
+summaries, a metrics CSV and a progress bar.
+
+Run layout (``run_dir``)::
+
+    config.json          the full training configuration (reproduce with it)
+    flags.txt            the command-line flags, usable as --flagfile
+    checkpoints/         last K checkpoints
+    best/                the checkpoint with the best validation PSNR
+    tensorboard/         scalars and an image grid of fixed validation samples
+    metrics.csv          step, phase, metric, value
+    generator.keras      the final generator
+"""
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+# Swift-SRGAN's loss weights (pixel 1, adversarial 1e-3, perceptual 6e-3, TV 2e-8).
+DEFAULT_PERCEPTUAL = {"srgan": "vgg19", "swift_srgan": "mobilenet_v2"}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run depends on; stored as ``config.json`` in the run directory."""
+
+    model: str = "swift_srgan"
+    scale: int = 4
+    data: str = "tfrecords/samples"
+    run_dir: str = "runs/swift_srgan_x4"
+    steps: int = 1000
+    pretrain_steps: int = 0  # pixel-loss generator steps before the adversarial phase
+    batch_size: int = 16  # global
+    patch_size: int = 96  # HR patch
+    degradation: str = "bicubic"
+    degrade_on: str = "auto"  # pipeline | device | auto (device when a GPU is present)
+    pixel_loss: str = "mse"
+    pixel_weight: float = 1.0
+    adversarial_weight: float = 1e-3
+    relativistic: bool = False
+    perceptual: str = "auto"  # auto | none | vgg19 | mobilenet_v2
+    perceptual_weight: float = 6e-3
+    perceptual_weights: str = "imagenet"  # imagenet (Keras cache) | path to .h5 | random
+    tv_weight: float = 2e-8
+    ssim_weight: float = 0.0
+    learning_rate: float = 1e-4
+    d_learning_rate: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine | step
+    mixed_precision: bool = False
+    strategy: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    eval_every: int = 500
+    log_every: int = 10
+    eval_max_images: int = 16
+    grid_images: int = 4
+    model_options: dict = dataclasses.field(default_factory=dict)
+    discriminator_options: dict = dataclasses.field(default_factory=dict)
+    progress: bool = True
+
+    def check(self):
+        from sr_tf import models
+        from sr_tf.data import degrade
+
+        if self.model not in models.NAMES:
+            raise ValueError(f"--model must be one of {models.NAMES}, got {self.model!r}")
+        if self.scale not in (2, 4, 8):
+            raise ValueError(f"--scale must be 2, 4 or 8, got {self.scale}")
+        if self.degradation not in degrade.PRESETS:
+            raise ValueError(f"--degradation must be one of {degrade.PRESETS}, got {self.degradation!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("--steps and --batch_size must be positive")
+        if not 0 <= self.pretrain_steps <= self.steps:
+            raise ValueError("--pretrain_steps must be between 0 and --steps")
+        if self.lr_schedule not in ("constant", "cosine", "step"):
+            raise ValueError(f"--lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
+        if self.degrade_on not in ("auto", "pipeline", "device"):
+            raise ValueError(f"--degrade_on must be auto, pipeline or device, got {self.degrade_on!r}")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, bad configuration); says why."""
+
+
+# ----------------------------------------------------------------------------- strategy
+
+
+def make_strategy(name):
+    """``auto`` picks multi_worker when TF_CONFIG names several workers, mirrored with
+    several GPUs, and the default strategy otherwise."""
+    if name == "auto":
+        tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+        if len(tf_config.get("cluster", {}).get("worker", [])) > 1:
+            name = "multi_worker"
+        elif len(tf.config.list_logical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"--strategy must be auto, default, mirrored or multi_worker, got {name!r}")
+
+
+def _task_info(strategy):
+    """(is_chief, worker_index) from the cluster resolver, (True, 0) on one machine."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True, 0
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0
+                                        and "chief" not in resolver.cluster_spec().as_dict())
+    return is_chief, task_id
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _schedule(config, base_rate):
+    import keras
+
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(base_rate, decay_steps=config.steps, alpha=0.01)
+    if config.lr_schedule == "step":
+        boundaries = [int(config.steps * 0.5), int(config.steps * 0.75)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [base_rate, base_rate / 2, base_rate / 4])
+    return base_rate
+
+
+def _optimizer(config, base_rate):
+    import keras
+
+    optimizer = keras.optimizers.Adam(_schedule(config, base_rate), beta_1=0.9, beta_2=0.999)
+    if config.mixed_precision:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _perceptual(config):
+    from sr_tf import losses
+
+    backbone = DEFAULT_PERCEPTUAL.get(config.model) if config.perceptual == "auto" else config.perceptual
+    if not backbone or backbone == "none" or config.perceptual_weight == 0:
+        return None
+    weights = None if config.perceptual_weights == "random" else config.perceptual_weights
+    return losses.PerceptualLoss(backbone=backbone, weights=weights, weight=config.perceptual_weight)
+
+
+def build(config, strategy):
+    """Generator, discriminator, losses, optimizers and trainers, under ``strategy.scope()``.
+
+    Returns a dict with ``generator``, ``discriminator`` (or None), ``supervised``
+    (trainer for pixel-loss steps) and ``gan`` (trainer for adversarial steps, or None).
+    """
+    import keras
+
+    from sr_tf import losses, models
+    from sr_tf.data import degrade
+    from sr_tf.training.trainers import GANTrainer, SupervisedTrainer
+
+    model_scale = degrade.model_scale(config.degradation, config.scale)
+    on_device = _degrade_on_device(config)
+    with strategy.scope():
+        keras.utils.set_random_seed(config.seed)
+        generator = models.build(config.model, scale=model_scale, **config.model_options)
+        common = dict(
+            pixel_loss=losses.PixelLoss(config.pixel_loss, weight=config.pixel_weight),
+            global_batch_size=config.batch_size,
+            perceptual_loss=_perceptual(config),
+            ssim_loss=losses.SSIMLoss(weight=config.ssim_weight) if config.ssim_weight else None,
+            tv_loss=losses.TotalVariationLoss(weight=config.tv_weight) if config.tv_weight else None,
+            degradation=config.degradation if on_device else None,
+            scale=config.scale,
+            seed=config.seed,
+        )
+        g_optimizer = _optimizer(config, config.learning_rate)
+        supervised = SupervisedTrainer(generator, **common)
+        supervised.compile(g_optimizer)
+        discriminator = gan = None
+        if models.is_gan(config.model):
+            discriminator = models.build_discriminator(config.model, **config.discriminator_options)
+            gan = GANTrainer(
+                generator, discriminator,
+                losses.AdversarialLoss(relativistic=config.relativistic, weight=config.adversarial_weight),
+                **common,
+            )
+            gan.compile(g_optimizer, _optimizer(config, config.d_learning_rate))
+        # Build every variable now, so a checkpoint restores into existing variables.
+        lr_side = config.patch_size // config.scale if model_scale != 1 else config.patch_size
+        generator(tf.zeros([1, lr_side, lr_side, 1]))
+        g_optimizer.build(generator.trainable_variables)
+        if discriminator is not None:
+            discriminator(tf.zeros([1, config.patch_size, config.patch_size, 1]))
+            gan.d_optimizer.build(discriminator.trainable_variables)
+    return {"generator": generator, "discriminator": discriminator, "supervised": supervised, "gan": gan}
+
+
+def _degrade_on_device(config):
+    if config.degrade_on == "auto":
+        return bool(tf.config.list_logical_devices("GPU"))
+    return config.degrade_on == "device"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _datasets(config, strategy):
+    from sr_tf.data import pipeline
+
+    on_device = _degrade_on_device(config)
+
+    def train_fn(input_context):
+        return pipeline.make_dataset(
+            config.data, "train", config.scale, config.patch_size, config.batch_size,
+            degradation=config.degradation, seed=config.seed, hr_only=on_device, input_context=input_context,
+        )
+
+    train = strategy.distribute_datasets_from_function(train_fn)
+    val = pipeline.make_dataset(
+        config.data, "val", config.scale, None, 1, degradation=config.degradation, seed=config.seed,
+    ).take(config.eval_max_images)
+    return train, val
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a request to checkpoint and stop after this step."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _write_config(config, run_dir, flags_text=None):
+    os.makedirs(run_dir, exist_ok=True)
+    from data_prep.writer import write_json_atomic
+
+    write_json_atomic(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
+    if flags_text:
+        with open(os.path.join(run_dir, "flags.txt"), "w", encoding="utf-8") as f:
+            f.write(flags_text)
+
+
+def _learning_rate(optimizer):
+    rate = optimizer.learning_rate
+    return float(rate.numpy() if hasattr(rate, "numpy") else rate)
+
+
+class _Recorder:
+    """TensorBoard scalars/images and the metrics CSV (chief only)."""
+
+    def __init__(self, run_dir, enabled):
+        self.enabled = enabled
+        if enabled:
+            self.writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+            path = os.path.join(run_dir, "metrics.csv")
+            new = not os.path.exists(path)
+            self._csv_file = open(path, "a", newline="", encoding="utf-8")
+            self._csv = csv.writer(self._csv_file)
+            if new:
+                self._csv.writerow(["step", "phase", "metric", "value"])
+
+    def scalars(self, step, phase, values):
+        if not self.enabled:
+            return
+        with self.writer.as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(f"{phase}/{name}", value)
+                self._csv.writerow([step, phase, name, f"{value:.6g}"])
+        self._csv_file.flush()
+
+    def images(self, step, name, grid):
+        if self.enabled:
+            with self.writer.as_default(step=step):
+                tf.summary.image(name, grid, step=step, max_outputs=grid.shape[0])
+
+    def close(self):
+        if self.enabled:
+            self.writer.flush()
+            self._csv_file.close()
+
+
+def evaluate(generator, val, scale, degradation_scale_one=False):
+    """Mean PSNR/SSIM of the model and of bicubic over the validation batches."""
+    from sr_tf import metrics
+
+    totals = {}
+    for lr, hr in val:
+        sr = tf.clip_by_value(tf.cast(generator(lr, training=False), tf.float32), 0.0, 1.0)
+        baseline = lr if degradation_scale_one else metrics.upsample(lr, tf.shape(hr)[1:3])
+        for prefix, image in (("", sr), ("bicubic_", baseline)):
+            for name, fn in (("psnr", metrics.psnr), ("ssim", metrics.ssim)):
+                value = fn(hr, image, border=scale)
+                if name == "psnr":
+                    value = tf.minimum(value, 100.0)
+                totals.setdefault(prefix + name, []).extend(value.numpy().tolist())
+    if not totals:
+        raise TrainingError("the validation split yielded no images")
+    return {name: float(np.mean(values)) for name, values in totals.items()}
+
+
+def _image_grid(generator, samples):
+    """Rows of [LR upsampled (nearest), bicubic, SR, HR] for fixed validation samples."""
+    from sr_tf import metrics
+
+    rows = []
+    for lr, hr in samples:
+        size = tf.shape(hr)[1:3]
+        sr = tf.clip_by_value(tf.cast(generator(lr, training=False), tf.float32), 0.0, 1.0)
+        row = [metrics.upsample(lr, size, "nearest"), metrics.upsample(lr, size, "bicubic"), sr, hr]
+        rows.append(tf.concat(row, axis=2))
+    return tf.concat(rows, axis=0)
+
+
+def train(config, flags_text=None, strategy=None):
+    """Run (or resume) a training run. Returns the built objects (generator, trainers...).
+
+    Raises :class:`TrainingError` on a non-finite loss, after logging which step and
+    which checkpoint is the last good one; nothing is saved from the bad step.
+    """
+    from sr_tf.data import degrade
+
+    config.check()
+    if config.mixed_precision:
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = strategy or make_strategy(config.strategy)
+    is_chief, worker = _task_info(strategy)
+    run_dir = config.run_dir
+    if is_chief:
+        _write_config(config, run_dir, flags_text)
+    built = build(config, strategy)
+    generator, supervised, gan = built["generator"], built["supervised"], built["gan"]
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    best_psnr = tf.Variable(-np.inf, dtype=tf.float64, trainable=False, name="best_psnr")
+    tracked = {"step": step, "best_psnr": best_psnr, "generator": generator, "g_optimizer": supervised.g_optimizer}
+    if gan is not None:
+        tracked.update(discriminator=built["discriminator"], d_optimizer=gan.d_optimizer)
+    checkpoint = tf.train.Checkpoint(**tracked)
+    # Non-chief workers write to a scratch folder (their saves take part in collectives).
+    ckpt_root = run_dir if is_chief else os.path.join(run_dir, f".worker-{worker}")
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(ckpt_root, "checkpoints"), config.keep_checkpoints)
+    best_manager = tf.train.CheckpointManager(checkpoint, os.path.join(ckpt_root, "best"), 1)
+    if config.resume and manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step.numpy()))
+        print(f"resumed from step {int(step.numpy())} ({manager.latest_checkpoint})", flush=True)
+    elif manager.latest_checkpoint and not config.resume:
+        raise TrainingError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --run_dir"
+        )
+
+    train_data, val = _datasets(config, strategy)
+    iterator = iter(train_data)
+    steps = {}
+
+    def distributed(trainer):
+        @tf.function
+        def run(batch):
+            per_replica = strategy.run(trainer.train_step, args=(batch,))
+            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+        return run
+
+    if config.pretrain_steps or gan is None:
+        steps["pretrain" if gan is not None else "train"] = distributed(supervised)
+    if gan is not None:
+        steps["adversarial"] = distributed(gan)
+
+    same_size = degrade.model_scale(config.degradation, config.scale) == 1
+    grid_samples = list(val.take(config.grid_images))
+    recorder = _Recorder(run_dir, is_chief)
+    start = int(step.numpy())
+    last_saved = manager.latest_checkpoint
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.steps, initial=start, desc=f"train {config.model}", unit="step",
+               disable=not (config.progress and is_chief), dynamic_ncols=True)
+    started = time.perf_counter()
+    result = None
+    try:
+        with _Stop() as stop:
+            while int(step.numpy()) < config.steps:
+                current = int(step.numpy())
+                phase = "pretrain" if gan is not None and current < config.pretrain_steps else (
+                    "adversarial" if gan is not None else "train")
+                values = {k: float(v) for k, v in steps[phase](next(iterator)).items()}
+                if not all(math.isfinite(v) for v in values.values()):
+                    bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+                    raise TrainingError(
+                        f"non-finite loss at step {current + 1} ({bad}); stopped without saving. "
+                        f"Last good checkpoint: {last_saved or 'none'}"
+                    )
+                step.assign_add(1)
+                done = current + 1
+                bar.update(1)
+                if done % config.log_every == 0 or done == config.steps:
+                    values["learning_rate"] = _learning_rate(supervised.g_optimizer)
+                    values["patches_per_second"] = (done - start) * config.batch_size / (time.perf_counter() - started)
+                    recorder.scalars(done, phase, values)
+                    bar.set_postfix(loss=f"{values['loss']:.4g}")
+                if done % config.eval_every == 0 or done == config.steps:
+                    result = evaluate(generator, val, config.scale, same_size)
+                    recorder.scalars(done, "val", result)
+                    recorder.images(done, "val/lr_bicubic_sr_hr", _image_grid(generator, grid_samples))
+                    if result["psnr"] > best_psnr.numpy():
+                        best_psnr.assign(result["psnr"])
+                        best_manager.save(checkpoint_number=done)
+                if done % config.checkpoint_every == 0 or done == config.steps:
+                    last_saved = manager.save(checkpoint_number=done)
+                if stop.signal:
+                    last_saved = manager.save(checkpoint_number=done)
+                    print(f"\n{stop.signal}: checkpoint saved at step {done} ({last_saved}); "
+                          "continue with --resume", flush=True)
+                    break
+    finally:
+        bar.close()
+        recorder.close()
+    finished = int(step.numpy()) >= config.steps
+    if finished and is_chief:
+        generator.save(os.path.join(run_dir, "generator.keras"))
+    if not is_chief:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    built.update(step=int(step.numpy()), val=result, finished=finished, strategy=strategy)
+    return built

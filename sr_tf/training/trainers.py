@@ -1,0 +1,166 @@
+"""Trainers: Keras models whose ``train_step`` and ``test_step`` hold the whole update.
+
+They are driven by :mod:`sr_tf.training.loop` through ``strategy.run(trainer.train_step,
+...)`` for every strategy (DESIGN.md contract 7), so a step returns plain tensors rather
+than updating Keras metric trackers: per-replica values that the loop sums across
+replicas. Every loss is averaged over the GLOBAL batch
+(``tf.nn.compute_average_loss``), and losses added with ``add_loss`` (the vector
+quantiser's) are divided by the number of replicas, so the sum over replicas is the
+mean over the global batch and gradients come out right under any strategy.
+
+A batch is ``(lr, hr)``, or HR patches alone when degradation runs on the device:
+then the trainer degrades them with the same ops the pipeline uses
+(:func:`sr_tf.data.degrade.apply`), seeded by the step and the replica.
+"""
+
+import keras
+import tensorflow as tf
+
+from sr_tf import metrics
+
+
+def _replica_context():
+    context = tf.distribute.get_replica_context()
+    replica = context.replica_id_in_sync_group if context is not None else 0
+    replicas = context.num_replicas_in_sync if context is not None else 1
+    return replica, replicas
+
+
+class _Base(keras.Model):
+    """Shared input handling, loss averaging and validation for both trainers."""
+
+    def __init__(self, generator, pixel_loss, global_batch_size, perceptual_loss=None, ssim_loss=None,
+                 tv_loss=None, degradation=None, scale=4, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.generator = generator
+        self.pixel_loss = pixel_loss
+        self.perceptual_loss = perceptual_loss
+        self.ssim_loss = ssim_loss
+        self.tv_loss = tv_loss
+        self.global_batch_size = int(global_batch_size)
+        self.degradation = degradation  # preset name when degrading on the device
+        self.scale = int(scale)
+        self.seed = int(seed)
+
+    def call(self, inputs, training=False):
+        return self.generator(inputs, training=training)
+
+    def _batch(self, data, step):
+        """``(lr, hr)`` from a pipeline batch; HR-only batches are degraded here, seeded
+        by the step (the generator optimizer's iteration count) and the replica."""
+        if self.degradation is None:
+            return data
+        from sr_tf.data import degrade
+
+        replica, _ = _replica_context()
+        seed = tf.stack([tf.cast(self.seed, tf.int64) * 1000003 + tf.cast(replica, tf.int64),
+                         tf.cast(step, tf.int64)])
+        return degrade.apply(self.degradation, data, self.scale, tf.cast(seed, tf.int32))
+
+    def _mean(self, per_sample):
+        return tf.nn.compute_average_loss(per_sample, global_batch_size=self.global_batch_size)
+
+    def _content_losses(self, hr, sr):
+        """Pixel, perceptual, SSIM and TV terms, each averaged for the global batch."""
+        losses = {"pixel": self._mean(self.pixel_loss(hr, sr))}
+        if self.perceptual_loss is not None:
+            losses["perceptual"] = self._mean(self.perceptual_loss(hr, sr))
+        if self.ssim_loss is not None:
+            losses["ssim_loss"] = self._mean(self.ssim_loss(hr, sr))
+        if self.tv_loss is not None:
+            losses["tv"] = self._mean(self.tv_loss(hr, sr))
+        if self.generator.losses:
+            # Vector-quantiser codebook/commitment terms: batch means per replica.
+            losses["vq"] = tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.generator.losses]))
+        return losses
+
+    def test_step(self, data):
+        """Sums (not means) of PSNR/SSIM of the model and of bicubic, with the count.
+
+        Whole images or fixed crops, degraded exactly as in training; the scale's
+        border is shaved. The loop sums across replicas and batches, then divides.
+        """
+        lr, hr = self._batch(data, tf.constant(0, tf.int64))
+        sr = tf.clip_by_value(tf.cast(self.generator(lr, training=False), tf.float32), 0.0, 1.0)
+        size = tf.shape(hr)[1:3]
+        if lr.shape[1] is not None and hr.shape[1] is not None and lr.shape[1] == hr.shape[1]:
+            baseline = lr  # same-size restoration: the input itself is the baseline
+        else:
+            baseline = metrics.upsample(lr, size, "bicubic")
+        border = self.scale
+        out = {"count": tf.cast(tf.shape(hr)[0], tf.float32)}
+        for name, image in (("", sr), ("bicubic_", baseline)):
+            out[name + "psnr"] = tf.reduce_sum(tf.minimum(metrics.psnr(hr, image, border=border), 100.0))
+            out[name + "ssim"] = tf.reduce_sum(metrics.ssim(hr, image, border=border))
+        return out
+
+
+class SupervisedTrainer(_Base):
+    """Pixel (+ optional perceptual/SSIM/TV, + quantiser) loss on the generator alone.
+
+    Used for the residual CNN, the VQ autoencoder and the pixel-loss pre-training
+    phase of SRResNet / Swift-SRGAN.
+    """
+
+    def compile(self, optimizer):
+        super().compile()
+        self.g_optimizer = optimizer
+
+    def train_step(self, data):
+        lr, hr = self._batch(data, self.g_optimizer.iterations)
+        with tf.GradientTape() as tape:
+            sr = tf.cast(self.generator(lr, training=True), tf.float32)
+            losses = self._content_losses(hr, sr)
+            total = tf.add_n(list(losses.values()))
+            scaled = self.g_optimizer.scale_loss(total)
+        variables = self.generator.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        self.g_optimizer.apply(grads, variables)
+        return {"loss": total, **losses}
+
+
+class GANTrainer(_Base):
+    """Generator and discriminator updated in one step (SRGAN / Swift-SRGAN).
+
+    Both losses come from the same forward pass; the discriminator sees the
+    generator's output through ``stop_gradient``-free tapes that only differentiate
+    its own variables.
+    """
+
+    def __init__(self, generator, discriminator, adversarial_loss, *args, **kwargs):
+        super().__init__(generator, *args, **kwargs)
+        self.discriminator = discriminator
+        self.adversarial_loss = adversarial_loss
+
+    def compile(self, g_optimizer, d_optimizer):
+        super().compile()
+        self.g_optimizer = g_optimizer
+        self.d_optimizer = d_optimizer
+
+    def train_step(self, data):
+        lr, hr = self._batch(data, self.g_optimizer.iterations)
+        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+            sr = tf.cast(self.generator(lr, training=True), tf.float32)
+            real = tf.cast(self.discriminator(hr, training=True), tf.float32)
+            fake = tf.cast(self.discriminator(sr, training=True), tf.float32)
+            losses = self._content_losses(hr, sr)
+            losses["adversarial"] = self._mean(self.adversarial_loss.generator(real, fake))
+            g_total = tf.add_n(list(losses.values()))
+            d_total = self._mean(self.adversarial_loss.discriminator(real, fake))
+            g_scaled = self.g_optimizer.scale_loss(g_total)
+            d_scaled = self.d_optimizer.scale_loss(d_total)
+        g_vars = self.generator.trainable_variables
+        d_vars = self.discriminator.trainable_variables
+        g_grads = g_tape.gradient(g_scaled, g_vars)
+        d_grads = d_tape.gradient(d_scaled, d_vars)
+        self.d_optimizer.apply(d_grads, d_vars)
+        self.g_optimizer.apply(g_grads, g_vars)
+        _, replicas = _replica_context()
+        return {
+            "loss": g_total,
+            **losses,
+            "d_loss": d_total,
+            # Mean D(x) and D(G(z)) probabilities; divided so the replica sum is the mean.
+            "d_real": tf.reduce_mean(tf.sigmoid(real)) / replicas,
+            "d_fake": tf.reduce_mean(tf.sigmoid(fake)) / replicas,
+        }

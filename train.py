@@ -1,0 +1,141 @@
+"""Train a super-resolution model with the one distributed loop.
+
+    python train.py --model=swift_srgan                      # embedded sample set, short schedule
+    python train.py --model=srgan --data=tfrecords/cxr --scale=4 --steps=100000 --pretrain_steps=20000
+    python train.py --flagfile=runs/NAME/flags.txt --resume  # continue a run
+
+With no --data, the embedded sample set is converted once into tfrecords/samples.
+Several machines: set TF_CONFIG on each and pass --strategy=multi_worker (or auto).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+SAMPLES_DIR = os.path.join("tfrecords", "samples")
+
+flags.DEFINE_enum("model", "swift_srgan", ["srgan", "swift_srgan", "vq_autoencoder", "residual_cnn"], "Model family.")
+flags.DEFINE_enum("scale", "4", ["2", "4", "8"], "Upscaling factor.")
+flags.DEFINE_string("data", None, "data_prep output folder; default: the embedded sample set.")
+flags.DEFINE_string("run_dir", None, "Run folder; default runs/<model>_x<scale>.")
+flags.DEFINE_integer("steps", None, "Total training steps (default: a short schedule on the sample set, "
+                     "10000 otherwise).")
+flags.DEFINE_integer("pretrain_steps", None, "Pixel-loss generator steps before the adversarial phase "
+                     "(GANs; default a fifth of --steps).")
+flags.DEFINE_integer("batch_size", 16, "Global batch size (split across replicas).")
+flags.DEFINE_integer("patch_size", 96, "HR patch size.")
+flags.DEFINE_enum("degradation", "bicubic", ["bicubic", "blur_downsample", "noisy", "bilinear_artifacts",
+                                             "self_supervised"], "Degradation preset.")
+flags.DEFINE_enum("degrade_on", "auto", ["auto", "pipeline", "device"], "Where LR inputs are made "
+                  "(auto: inside the train step when a GPU is present).")
+flags.DEFINE_enum("pixel_loss", "mse", ["mse", "l1", "charbonnier"], "Pixel loss.")
+flags.DEFINE_float("pixel_weight", 1.0, "Pixel loss weight.")
+flags.DEFINE_float("adversarial_weight", 1e-3, "Adversarial loss weight.")
+flags.DEFINE_bool("relativistic", False, "Relativistic average adversarial loss.")
+flags.DEFINE_enum("perceptual", "auto", ["auto", "none", "vgg19", "mobilenet_v2"], "Perceptual loss backbone "
+                  "(auto: VGG19 for srgan, MobileNetV2 for swift_srgan, none otherwise).")
+flags.DEFINE_float("perceptual_weight", 6e-3, "Perceptual loss weight.")
+flags.DEFINE_string("perceptual_weights", "imagenet", "imagenet (from the Keras cache; random frozen "
+                    "backbone when absent), a .h5 path, or random.")
+flags.DEFINE_float("tv_weight", 2e-8, "Total variation weight.")
+flags.DEFINE_float("ssim_weight", 0.0, "SSIM loss weight.")
+flags.DEFINE_float("learning_rate", 1e-4, "Generator learning rate.")
+flags.DEFINE_float("d_learning_rate", 1e-4, "Discriminator learning rate.")
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine", "step"], "Learning-rate schedule.")
+flags.DEFINE_bool("mixed_precision", False, "mixed_float16 compute (GPU).")
+flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multi_worker"], "Distribution strategy.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_bool("resume", False, "Continue from the run folder's last checkpoint.")
+flags.DEFINE_integer("checkpoint_every", 200, "Checkpoint interval in steps.")
+flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.")
+flags.DEFINE_integer("eval_every", 200, "Validation interval in steps.")
+flags.DEFINE_integer("log_every", 10, "Logging interval in steps.")
+flags.DEFINE_string("model_options", "{}", "JSON of model constructor options, e.g. '{\"num_blocks\": 8}'.")
+flags.DEFINE_string("discriminator_options", "{}", "JSON of discriminator options, e.g. '{\"filters\": 32}'.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+# The sample-set schedule: fits in about 10 minutes on a 2-core CPU.
+SAMPLE_STEPS = 300
+SAMPLE_PRETRAIN = 200
+
+
+def ensure_samples():
+    """Build the embedded sample set once."""
+    from data_prep import convert, samples
+    from sr_tf import records
+
+    try:
+        records.read_manifest(SAMPLES_DIR)
+        return
+    except records.RecordsError:
+        pass
+    print(f"building the embedded sample set in {SAMPLES_DIR} ...", flush=True)
+    options = convert.Options(split_map=dict(samples.SAMPLE_SPLITS))
+    convert.convert(samples.sample_paths(), SAMPLES_DIR, options, progress=FLAGS.progress)
+
+
+def config_from_flags():
+    from sr_tf.training.loop import TrainConfig
+
+    scale = int(FLAGS.scale)
+    samples = FLAGS.data is None
+    steps = FLAGS.steps or (SAMPLE_STEPS if samples else 10000)
+    if FLAGS.pretrain_steps is not None:
+        pretrain = FLAGS.pretrain_steps
+    elif FLAGS.model in ("srgan", "swift_srgan"):
+        pretrain = min(steps, SAMPLE_PRETRAIN) if samples and FLAGS.steps is None else steps // 5
+    else:
+        pretrain = 0
+    try:
+        model_options = json.loads(FLAGS.model_options)
+        discriminator_options = json.loads(FLAGS.discriminator_options)
+    except json.JSONDecodeError as exc:
+        raise app.UsageError(f"--model_options / --discriminator_options is not valid JSON: {exc}")
+    return TrainConfig(
+        model=FLAGS.model, scale=scale, data=FLAGS.data or SAMPLES_DIR,
+        run_dir=FLAGS.run_dir or os.path.join("runs", f"{FLAGS.model}_x{scale}"),
+        steps=steps, pretrain_steps=pretrain, batch_size=FLAGS.batch_size, patch_size=FLAGS.patch_size,
+        degradation=FLAGS.degradation, degrade_on=FLAGS.degrade_on, pixel_loss=FLAGS.pixel_loss,
+        pixel_weight=FLAGS.pixel_weight, adversarial_weight=FLAGS.adversarial_weight,
+        relativistic=FLAGS.relativistic, perceptual=FLAGS.perceptual, perceptual_weight=FLAGS.perceptual_weight,
+        perceptual_weights=FLAGS.perceptual_weights, tv_weight=FLAGS.tv_weight, ssim_weight=FLAGS.ssim_weight,
+        learning_rate=FLAGS.learning_rate, d_learning_rate=FLAGS.d_learning_rate, lr_schedule=FLAGS.lr_schedule,
+        mixed_precision=FLAGS.mixed_precision, strategy=FLAGS.strategy, seed=FLAGS.seed, resume=FLAGS.resume,
+        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+        eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, model_options=model_options,
+        discriminator_options=discriminator_options, progress=FLAGS.progress,
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from sr_tf.records import RecordsError
+    from sr_tf.training import loop
+
+    if FLAGS.data is None:
+        ensure_samples()
+    config = config_from_flags()
+    try:
+        result = loop.train(config, flags_text=FLAGS.flags_into_string())
+    except (loop.TrainingError, RecordsError, ValueError) as exc:
+        logging.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if result["val"] is not None:
+        val = result["val"]
+        print(f"validation ({config.data}, x{config.scale}, {config.degradation}): "
+              f"model PSNR {val['psnr']:.2f} dB SSIM {val['ssim']:.4f} | "
+              f"bicubic PSNR {val['bicubic_psnr']:.2f} dB SSIM {val['bicubic_ssim']:.4f}")
+    if result["finished"]:
+        print(f"generator saved to {os.path.join(config.run_dir, 'generator.keras')}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
