@@ -1,0 +1,65 @@
+"""The model registry: every network is built by name.
+
+    model = sr_tf.models.build("swift_srgan", scale=4)          # LR (N, H, W, 1) -> (N, 4H, 4W, 1)
+    critic = sr_tf.models.build_discriminator("swift_srgan")    # (N, h, w, 1) -> logits (N, 1)
+
+``scale`` is 1 (restoration at the same size: artifact removal, denoising), 2, 4 or 8;
+height and width are free. Options are the model class's keyword arguments (``filters``,
+``num_blocks``, ``codebook_size``, ...); their defaults are the published configurations.
+Models come back built (weights created) for inputs of shape (None, None, None, channels).
+
+Outputs are float32 in [0, 1] (float32 also under a ``mixed_float16`` policy):
+srgan and swift_srgan end with ``(tanh(x) + 1) / 2``; residual_cnn and vq_autoencoder
+add their prediction to the interpolated input and clip, straight-through while training.
+"""
+
+import keras
+
+from sr_tf.models.blocks import SCALES, num_doublings
+from sr_tf.models.residual_cnn import ResidualCNN
+from sr_tf.models.srgan import SRGANDiscriminator, SRResNet
+from sr_tf.models.swift_srgan import SwiftSRGANDiscriminator, SwiftSRResNet
+from sr_tf.models.vq_autoencoder import VQAutoencoder
+
+NAMES = ("srgan", "swift_srgan", "vq_autoencoder", "residual_cnn")
+
+_GENERATORS = {
+    "srgan": SRResNet,
+    "swift_srgan": SwiftSRResNet,
+    "vq_autoencoder": VQAutoencoder,
+    "residual_cnn": ResidualCNN,
+}
+_DISCRIMINATORS = {"srgan": SRGANDiscriminator, "swift_srgan": SwiftSRGANDiscriminator}
+
+
+def _check_name(name):
+    if name not in _GENERATORS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def is_gan(name):
+    """True for the models trained adversarially (they have a discriminator)."""
+    _check_name(name)
+    return name in _DISCRIMINATORS
+
+
+def build(name, scale=4, channels=1, **options):
+    """The generator / super-resolution network ``name`` for ``scale`` (1, 2, 4 or 8)."""
+    _check_name(name)
+    num_doublings(scale)
+    model = _GENERATORS[name](scale=scale, channels=channels, **options)
+    model(keras.Input((None, None, channels)))
+    return model
+
+
+def build_discriminator(name, channels=1, **options):
+    """The discriminator of a GAN model; it returns logits (N, 1) for any crop size."""
+    _check_name(name)
+    if name not in _DISCRIMINATORS:
+        raise ValueError(f"{name!r} has no discriminator; GAN models are {', '.join(_DISCRIMINATORS)}")
+    model = _DISCRIMINATORS[name](channels=channels, **options)
+    model(keras.Input((None, None, channels)))
+    return model
+
+
+__all__ = ["NAMES", "SCALES", "build", "build_discriminator", "is_gan"]

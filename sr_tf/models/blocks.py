@@ -1,0 +1,327 @@
+"""Building blocks shared by the model families, defined once.
+
+Conventions: channels-last, "same" padding, no convolution bias in front of a batch
+normalisation (the BN offset makes it redundant), per-channel PReLU initialised at 0.25
+as in the published PyTorch code. Sub-layers take the ``training`` flag from the calling
+model (Keras 3 propagates it), so only layers that use it declare it.
+"""
+
+import functools
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+SCALES = (1, 2, 4, 8)
+
+serializable = keras.saving.register_keras_serializable(package="sr_tf")
+
+
+def num_doublings(scale):
+    """The number of x2 upsampling steps for ``scale`` (log2); ValueError if unsupported."""
+    if isinstance(scale, bool) or scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    return int(scale).bit_length() - 1
+
+
+def conv2d(filters, kernel_size, strides=1, use_bias=True, separable=False, **kwargs):
+    """A "same"-padded convolution, plain or depthwise-separable.
+
+    The separable form is a depthwise ``kernel_size`` convolution followed by a pointwise
+    1x1 convolution with one bias after the pointwise step. The Swift-SRGAN reference also
+    puts a bias on the depthwise step; that bias folds into the pointwise one, so it is
+    left out here.
+    """
+    kind = layers.SeparableConv2D if separable else layers.Conv2D
+    return kind(filters, kernel_size, strides=strides, padding="same", use_bias=use_bias, **kwargs)
+
+
+def batch_norm(**kwargs):
+    """Batch normalisation with the PyTorch defaults the reference models were trained with
+    (momentum 0.1 there, i.e. 0.9 for the moving averages here; epsilon 1e-5)."""
+    return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, **kwargs)
+
+
+def prelu(**kwargs):
+    """Per-channel PReLU (one slope per feature map), initialised at 0.25."""
+    return layers.PReLU(alpha_initializer=keras.initializers.Constant(0.25), shared_axes=[1, 2], **kwargs)
+
+
+def _keys_cubic(distance, a=-0.5):
+    """The Keys cubic convolution kernel (a = -0.5), as in ``tf.image.resize``."""
+    x = abs(distance)
+    if x <= 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def _bicubic_kernel(scale, channels):
+    """Conv kernel (5, 5, channels, scale^2 * channels) whose output, pixel-shuffled by
+    ``scale``, is bicubic interpolation with half-pixel centres. Output channel
+    ``(py * scale + px) * channels + c`` holds phase (py, px) of channel c, the layout
+    ``depth_to_space`` expects."""
+    taps = np.zeros((scale, 5))
+    for phase in range(scale):
+        position = (phase + 0.5) / scale - 0.5
+        first = math.floor(position) - 1
+        for k in range(first, first + 4):
+            taps[phase, k + 2] = _keys_cubic(position - k)
+    kernel = np.zeros((5, 5, channels, scale * scale * channels), "float32")
+    for py in range(scale):
+        for px in range(scale):
+            for c in range(channels):
+                kernel[:, :, c, (py * scale + px) * channels + c] = np.outer(taps[py], taps[px])
+    return kernel
+
+
+def bicubic_upsample(images, scale):
+    """Bicubic interpolation by an integer ``scale``; identity for scale 1.
+
+    Equal to ``tf.image.resize(images, (scale*H, scale*W), "bicubic")`` (half-pixel
+    centres, Keys a = -0.5, taps outside the image dropped and the rest renormalised),
+    built from a fixed convolution, ``depth_to_space`` and a division, so that it exports
+    to TFLite builtins (the TFLite runtime has no bicubic resize) and traces with unknown
+    height and width (``keras.ops.image.resize`` checks the target size with Python
+    comparisons, which fail on a symbolic size inside a ``tf.function``).
+    """
+    if scale == 1:
+        return images
+    channels = images.shape[-1]
+    kernel = ops.convert_to_tensor(_bicubic_kernel(scale, channels), images.dtype)
+    weighted = ops.depth_to_space(ops.conv(images, kernel, padding="same"), scale)
+    ones = ops.ones_like(images[..., :1])
+    total = ops.depth_to_space(ops.conv(ones, kernel[:, :, :1, ::channels], padding="same"), scale)
+    return weighted / total
+
+
+def pad_to_multiple(images, multiple):
+    """Pad height and width at the bottom and right up to a multiple of ``multiple``,
+    repeating the edge pixels. Returns the padded images; crop back with
+    ``padded[:, :height, :width]``. A gather, so it works for any size, even 1 pixel."""
+    for axis in (1, 2):
+        size = ops.shape(images)[axis]
+        padded = (size + multiple - 1) // multiple * multiple
+        index = ops.minimum(ops.arange(padded), size - 1)
+        images = ops.take(images, index, axis=axis)
+    return images
+
+
+@serializable
+class SuperResolutionModel(keras.Model):
+    """Base of the image-to-image networks: LR (N, H, W, channels) in [0, 1] ->
+    (N, scale*H, scale*W, channels), for any H and W.
+
+    Inputs are not cast to the compute dtype (``autocast=False``): under
+    ``mixed_float16`` the interpolated image that a model adds its prediction to stays
+    float32, and every convolution casts for itself. Call the model once (the registry
+    calls it on a symbolic input) to create its weights.
+    """
+
+    def __init__(self, scale=4, channels=1, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        num_doublings(scale)
+        self.scale = scale
+        self.channels = channels
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "channels": self.channels}
+
+
+@serializable
+class ResidualBlock(layers.Layer):
+    """``x + body(x)`` with body conv-[BN]-activation-conv-[BN].
+
+    The default is the SRResNet block (Ledig et al., 2017): 3x3 convs, batch norm, PReLU.
+    ``separable=True`` gives the Swift-SRGAN block; ``batch_norm=False, activation="relu"``
+    the EDSR block (Lim et al., 2017).
+    """
+
+    def __init__(self, filters, kernel_size=3, separable=False, batch_norm=True, activation="prelu", **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.separable = separable
+        self.batch_norm = batch_norm
+        self.activation = activation
+        conv = dict(use_bias=not batch_norm, separable=separable)
+        self.conv1 = conv2d(filters, kernel_size, name="conv1", **conv)
+        self.conv2 = conv2d(filters, kernel_size, name="conv2", **conv)
+        self.bn1 = _batch_norm_or_none(batch_norm, name="bn1")
+        self.bn2 = _batch_norm_or_none(batch_norm, name="bn2")
+        self.act = prelu(name="prelu") if activation == "prelu" else layers.Activation(activation, name=activation)
+
+    def call(self, inputs):
+        x = self.conv1(inputs)
+        if self.bn1 is not None:
+            x = self.bn1(x)
+        x = self.conv2(self.act(x))
+        if self.bn2 is not None:
+            x = self.bn2(x)
+        return inputs + x
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "separable": self.separable,
+            "batch_norm": self.batch_norm,
+            "activation": self.activation,
+        }
+
+
+def _batch_norm_or_none(enabled, name):
+    return batch_norm(name=name) if enabled else None
+
+
+@serializable
+class UpsampleBlock(layers.Layer):
+    """x2 sub-pixel upsampling (Shi et al., 2016): conv to 4x the channels, pixel shuffle
+    (``keras.ops.depth_to_space``), per-channel PReLU."""
+
+    def __init__(self, filters, separable=False, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.separable = separable
+        self.conv = conv2d(filters * 4, 3, separable=separable, name="conv")
+        self.act = prelu(name="prelu")
+
+    def call(self, inputs):
+        return self.act(ops.depth_to_space(self.conv(inputs), 2))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "separable": self.separable}
+
+
+@serializable
+class UnitRange(layers.Layer):
+    """The output head that brings a prediction into [0, 1].
+
+    ``mode="tanh"``: ``(tanh(x) + 1) / 2``, the Swift-SRGAN output, smooth and bounded.
+    ``mode="clip"``: a clip to [0, 1]; during training the clip is straight-through
+    (forward clipped, gradient of the identity), so pixels predicted out of range still
+    learn, and at inference it is an exact clip.
+
+    Models create it with ``dtype="float32"`` so that the output is float32 under a
+    ``mixed_float16`` policy.
+    """
+
+    def __init__(self, mode="clip", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("tanh", "clip"):
+            raise ValueError(f"mode must be 'tanh' or 'clip', got {mode!r}")
+        self.mode = mode
+
+    def call(self, inputs, training=None):
+        if self.mode == "tanh":
+            return (ops.tanh(inputs) + 1.0) * 0.5
+        clipped = ops.clip(inputs, 0.0, 1.0)
+        if training:
+            return inputs + ops.stop_gradient(clipped - inputs)
+        return clipped
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@serializable
+class VectorQuantizer(layers.Layer):
+    """Vector quantisation of the last axis against a learned codebook (van den Oord et al.,
+    "Neural Discrete Representation Learning", 2017).
+
+    Each input vector is replaced by its nearest codebook entry; the straight-through
+    estimator passes the decoder's gradient to the encoder unchanged. Two losses are added
+    with ``add_loss``, each a mean over the local batch:
+
+    * codebook loss ``mean((sg[z] - e)^2)``, moving the entries towards the encodings
+      (left out when ``ema=True``, where the codebook follows exponential moving averages
+      of the encodings assigned to it instead);
+    * commitment loss ``commitment_weight * mean((z - sg[e])^2)``, keeping the encoder
+      close to its codes.
+
+    They are scalars, not per-sample losses: under a distribution strategy a trainer
+    scales them with ``tf.nn.scale_regularization_loss`` (divides by the replica count).
+
+    With ``ema=True`` an entry that receives no vectors keeps its position: its running
+    count and running sum start at 1 and at the entry itself and decay together.
+    Runs in float32 (create it with ``dtype="float32"`` under mixed precision).
+    """
+
+    def __init__(
+        self,
+        codebook_size=512,
+        embedding_dim=64,
+        commitment_weight=0.25,
+        ema=False,
+        decay=0.99,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.codebook_size = codebook_size
+        self.embedding_dim = embedding_dim
+        self.commitment_weight = commitment_weight
+        self.ema = ema
+        self.decay = decay
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.embedding_dim:
+            raise ValueError(f"expected {self.embedding_dim} channels to quantise, got {input_shape[-1]}")
+        shape = (self.codebook_size, self.embedding_dim)
+        init = keras.initializers.RandomUniform(-1.0 / self.codebook_size, 1.0 / self.codebook_size)
+        self.codebook = self.add_weight(
+            shape=shape,
+            initializer=init,
+            trainable=not self.ema,
+            aggregation="mean" if self.ema else "none",
+            name="codebook",
+        )
+        if self.ema:
+            self.ema_count = self.add_weight(
+                shape=(self.codebook_size,), initializer="ones", trainable=False, aggregation="mean", name="ema_count"
+            )
+            self.ema_sum = self.add_weight(shape=shape, initializer="zeros", trainable=False, aggregation="mean", name="ema_sum")
+            self.ema_sum.assign(self.codebook)
+
+    def call(self, inputs, training=None):
+        flat = ops.reshape(inputs, (-1, self.embedding_dim))
+        distances = (
+            ops.sum(flat**2, axis=1, keepdims=True)
+            - 2.0 * ops.matmul(flat, ops.transpose(self.codebook))
+            + ops.sum(self.codebook**2, axis=1)
+        )
+        # tf.argmin, not keras.ops.argmin: the latter adds a sign-bit test (bitwise ops)
+        # that the TFLite runtime lacks.
+        codes = ops.one_hot(tf.argmin(distances, axis=1), self.codebook_size, dtype=flat.dtype)
+        if training and self.ema:
+            self._update_codebook(codes, flat)
+        quantized = ops.reshape(ops.matmul(codes, self.codebook), ops.shape(inputs))
+
+        commitment = ops.mean((inputs - ops.stop_gradient(quantized)) ** 2)
+        self.add_loss(self.commitment_weight * commitment)
+        if not self.ema:
+            self.add_loss(ops.mean((ops.stop_gradient(inputs) - quantized) ** 2))
+        return inputs + ops.stop_gradient(quantized - inputs)
+
+    def _update_codebook(self, codes, flat):
+        self.ema_count.assign(self.decay * self.ema_count + (1.0 - self.decay) * ops.sum(codes, axis=0))
+        self.ema_sum.assign(self.decay * self.ema_sum + (1.0 - self.decay) * ops.matmul(ops.transpose(codes), flat))
+        # Read back: under a distribution strategy the assignments above average the
+        # replicas' statistics, so every replica derives the same codebook from them.
+        count, total = ops.convert_to_tensor(self.ema_count), ops.convert_to_tensor(self.ema_sum)
+        used = count[:, None] > 1e-12
+        self.codebook.assign(ops.where(used, total / ops.maximum(count, 1e-12)[:, None], self.codebook))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "codebook_size": self.codebook_size,
+            "embedding_dim": self.embedding_dim,
+            "commitment_weight": self.commitment_weight,
+            "ema": self.ema,
+            "decay": self.decay,
+        }

@@ -1,0 +1,148 @@
+"""The training losses: per-sample values, weights, gradients, and the offline policy
+of the perceptual loss (DESIGN.md contract 8)."""
+
+import logging
+import urllib.request
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sr_tf import losses
+
+
+def images(shape=(2, 32, 36, 1), seed=0):
+    return tf.constant(np.random.default_rng(seed).random(shape, dtype=np.float32))
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty Keras cache, and any download attempt fails the test."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras.utils, "get_file", no_network)
+    monkeypatch.setattr(keras.src.utils.file_utils, "get_file", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
+    return tmp_path
+
+
+def test_pixel_losses_per_sample_and_weighted():
+    y_true = tf.zeros((3, 4, 5, 1))
+    y_pred = tf.concat([tf.fill((1, 4, 5, 1), v) for v in (0.0, 0.5, -0.25)], axis=0)
+    np.testing.assert_allclose(losses.PixelLoss("l1")(y_true, y_pred), [0.0, 0.5, 0.25])
+    np.testing.assert_allclose(losses.PixelLoss("mse", weight=2.0)(y_true, y_pred), [0.0, 0.5, 0.125])
+    charbonnier = losses.PixelLoss("charbonnier", epsilon=1e-3)(y_true, y_pred)
+    np.testing.assert_allclose(charbonnier, [1e-3, np.hypot(0.5, 1e-3), np.hypot(0.25, 1e-3)], rtol=1e-6)
+    with pytest.raises(ValueError, match="charbonnier"):
+        losses.PixelLoss("l3")
+
+
+def test_total_variation():
+    ramp = tf.reshape(tf.range(12, dtype="float32"), (1, 3, 4, 1))
+    flat = tf.ones((1, 3, 4, 1))
+    tv = losses.TotalVariationLoss(weight=1.0)(None, tf.concat([ramp, flat], axis=0))
+    # rows differ by 4 (2 x 4 pairs), columns by 1 (3 x 3 pairs)
+    np.testing.assert_allclose(tv, [2 * 4 * 4 + 3 * 3 * 1, 0.0])
+    np.testing.assert_allclose(losses.TotalVariationLoss()(None, ramp), [41 * 2e-8], rtol=1e-6)
+
+
+def test_ssim_loss():
+    a, b = images(seed=1), images(seed=2)
+    ssim = losses.SSIMLoss(weight=0.5)
+    np.testing.assert_allclose(ssim(a, a), [0.0, 0.0], atol=1e-6)
+    value = ssim(a, b)
+    assert value.shape == (2,) and np.all(value.numpy() > 0.1) and np.all(value.numpy() <= 1.0)
+
+
+def test_adversarial_loss():
+    real, fake = tf.constant([[2.0], [1.0]]), tf.constant([[-1.0], [0.5]])
+    softplus = lambda x: np.log1p(np.exp(x))  # noqa: E731
+    standard = losses.AdversarialLoss(weight=0.1)
+    np.testing.assert_allclose(standard.generator(real, fake), 0.1 * softplus(np.array([1.0, -0.5])), rtol=1e-6)
+    np.testing.assert_allclose(
+        standard.discriminator(real, fake), softplus(-np.array([2.0, 1.0])) + softplus(np.array([-1.0, 0.5])), rtol=1e-6
+    )
+    relativistic = losses.AdversarialLoss(relativistic=True, weight=1.0)
+    # relative to the other set's mean: real - (-0.25), fake - 1.5
+    d_real, d_fake = np.array([2.25, 1.25]), np.array([-2.5, -1.0])
+    np.testing.assert_allclose(
+        relativistic.discriminator(real, fake), 0.5 * (softplus(-d_real) + softplus(d_fake)), rtol=1e-6
+    )
+    np.testing.assert_allclose(relativistic.generator(real, fake), 0.5 * (softplus(d_real) + softplus(-d_fake)), rtol=1e-6)
+    # a discriminator that separates well has a lower loss than a confused one
+    assert np.all(standard.discriminator(real + 5, fake - 5) < standard.discriminator(fake, real))
+
+
+@pytest.mark.parametrize("backbone", ["vgg19", "mobilenet_v2"])
+def test_perceptual_loss_offline(backbone, offline, caplog):
+    with caplog.at_level(logging.WARNING, logger="sr_tf.losses"):
+        loss = losses.PerceptualLoss(backbone, weights="imagenet", weight=1.0)
+    warnings = [r for r in caplog.records if r.name == "sr_tf.losses"]
+    assert len(warnings) == 1 and str(offline) in warnings[0].getMessage()
+    assert loss.weights_path is None and not loss.extractor.trainable
+    a, b = images(seed=1), images(seed=2)
+    np.testing.assert_allclose(loss(a, a), [0.0, 0.0], atol=1e-7)
+    assert loss(a, b).shape == (2,) and np.all(loss(a, b).numpy() > 0.0)
+    # any size from 32 px, and the same seeded backbone every time
+    c, d = images((1, 48, 40, 1), seed=3), images((1, 48, 40, 1), seed=4)
+    np.testing.assert_allclose(losses.PerceptualLoss(backbone, weights=None, weight=1.0)(c, d), loss(c, d), rtol=1e-5)
+
+
+def test_perceptual_loss_loads_the_keras_cache(offline, caplog):
+    reference = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(None, None, 3))
+    (offline / "models").mkdir()
+    reference.save(offline / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+    with caplog.at_level(logging.WARNING, logger="sr_tf.losses"):
+        loss = losses.PerceptualLoss("mobilenet_v2")
+    assert not [r for r in caplog.records if r.name == "sr_tf.losses"]
+    assert loss.weights_path == losses.cached_weights_path("mobilenet_v2")
+    x = images((1, 32, 32, 3))
+    tap = keras.Model(reference.input, reference.get_layer("block_13_expand_relu").output)
+    expected = tap(keras.applications.mobilenet_v2.preprocess_input(x * 255.0), training=False)
+    np.testing.assert_allclose(loss.features(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vgg_features_are_taken_before_the_activation(offline):
+    loss = losses.PerceptualLoss("vgg19", weights=None)
+    assert loss.extractor.layers[-1].get_config()["activation"] == "linear"
+    assert float(tf.reduce_min(loss.features(images()))) < 0.0
+
+
+def test_perceptual_loss_explicit_path_must_exist(offline):
+    with pytest.raises(FileNotFoundError):
+        losses.PerceptualLoss("vgg19", weights=str(offline / "missing.h5"))
+
+
+@pytest.fixture(scope="module")
+def random_perceptual():
+    return losses.PerceptualLoss("mobilenet_v2", weights=None)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: losses.PixelLoss("l1"),
+        lambda p: losses.PixelLoss("mse"),
+        lambda p: losses.PixelLoss("charbonnier"),
+        lambda p: losses.TotalVariationLoss(),
+        lambda p: losses.SSIMLoss(),
+        lambda p: p,
+        lambda p: (lambda y_true, y_pred: losses.AdversarialLoss().generator(y_true[:, 0, 0], y_pred[:, 0, 0])),
+        lambda p: (lambda y_true, y_pred: losses.AdversarialLoss(True).discriminator(y_true[:, 0, 0], y_pred[:, 0, 0])),
+    ],
+    ids=["l1", "mse", "charbonnier", "tv", "ssim", "perceptual", "adversarial_g", "adversarial_d_relativistic"],
+)
+def test_gradients_are_finite(make, random_perceptual):
+    loss = make(random_perceptual)
+    y_true = images(seed=5)
+    for y_pred in (images(seed=6), tf.identity(y_true)):
+        with tf.GradientTape() as tape:
+            tape.watch(y_pred)
+            value = tf.reduce_sum(loss(y_true, y_pred))
+        grad = tape.gradient(value, y_pred)
+        assert np.isfinite(float(value)) and np.all(np.isfinite(grad.numpy()))

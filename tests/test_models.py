@@ -1,0 +1,213 @@
+"""The model registry, the four model families and their shared blocks."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sr_tf import models
+from sr_tf.models import blocks
+
+# Small widths and depths where a test is not about the architecture itself.
+TINY = {
+    "srgan": dict(filters=8, num_blocks=1),
+    "swift_srgan": dict(filters=8, num_blocks=1),
+    "vq_autoencoder": dict(filters=8, num_res_blocks=1, codebook_size=16, embedding_dim=4),
+    "residual_cnn": dict(filters=8),
+}
+TINY_CRITIC = dict(filters=4, dense_units=8)
+
+
+def images(shape=(2, 7, 9, 1), seed=0):
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+@pytest.fixture
+def mixed_precision():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", models.NAMES)
+def test_output_shape_for_odd_sizes(name, scale):
+    model = models.build(name, scale=scale, **TINY[name])
+    out = model(images(), training=False)
+    assert out.shape == (2, 7 * scale, 9 * scale, 1)
+    assert out.dtype == "float32"
+    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_three_channels(name):
+    model = models.build(name, scale=2, channels=3, **TINY[name])
+    assert model(images((1, 5, 6, 3)), training=False).shape == (1, 10, 12, 3)
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_traces_for_unknown_height_and_width(name):
+    """The exported signature is (None, None, None, C): one trace serves every size."""
+    model = models.build(name, scale=2, **TINY[name])
+    infer = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, None, None, 1))])
+    for shape in [(1, 5, 7, 1), (2, 8, 3, 1)]:
+        x = images(shape)
+        np.testing.assert_allclose(infer(x), model(x, training=False), atol=1e-5)
+    assert infer.experimental_get_tracing_count() == 1
+
+
+def test_registry_names_and_errors():
+    assert models.NAMES == ("srgan", "swift_srgan", "vq_autoencoder", "residual_cnn")
+    assert [models.is_gan(n) for n in models.NAMES] == [True, True, False, False]
+    with pytest.raises(ValueError, match="swift_srgan"):
+        models.build("edsr")
+    with pytest.raises(ValueError, match=r"\(1, 2, 4, 8\)"):
+        models.build("srgan", scale=3)
+    with pytest.raises(ValueError, match="srgan"):
+        models.build_discriminator("residual_cnn")
+    with pytest.raises(ValueError, match="vq_autoencoder"):
+        models.is_gan("vqvae")
+
+
+@pytest.mark.parametrize(
+    "scale, channels, reference",
+    [(4, 1, 200_787), (4, 3, 201_209), (2, 1, 183_443)],
+)
+def test_swift_srgan_parameters_match_the_published_code(scale, channels, reference):
+    """Trainable weights, the count PyTorch's ``parameters()`` gives (BN running
+    statistics are buffers there, non-trainable weights here)."""
+    model = models.build("swift_srgan", scale=scale, channels=channels)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert abs(trainable - reference) / reference < 0.01
+
+
+def test_upsampling_blocks_are_log2_of_the_scale():
+    for scale, blocks_expected in [(1, 0), (2, 1), (4, 2), (8, 3)]:
+        model = models.build("srgan", scale=scale, **TINY["srgan"])
+        assert len(model.upsample) == blocks_expected
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_keras_round_trip(name, tmp_path):
+    model = models.build(name, scale=2, **TINY[name])
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is type(model)
+    assert loaded.get_config() == model.get_config()
+    x = images((1, 6, 5, 1), seed=1)
+    np.testing.assert_array_equal(loaded(x, training=False), model(x, training=False))
+
+
+@pytest.mark.parametrize("name", ["srgan", "swift_srgan"])
+def test_discriminator_any_crop_size_and_round_trip(name, tmp_path):
+    critic = models.build_discriminator(name, **TINY_CRITIC)
+    for shape in [(2, 24, 24, 1), (3, 40, 33, 1)]:
+        logits = critic(images(shape), training=False)
+        assert logits.shape == (shape[0], 1)
+    path = tmp_path / f"{name}_critic.keras"
+    critic.save(path)
+    loaded = keras.models.load_model(path)
+    x = images((2, 16, 20, 1))
+    np.testing.assert_array_equal(loaded(x, training=False), critic(x, training=False))
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_mixed_float16_output_is_float32(name, mixed_precision):
+    model = models.build(name, scale=2, **TINY[name])
+    assert model.compute_dtype == "float16"
+    assert model(images(), training=True).dtype == "float32"
+    if models.is_gan(name):
+        assert models.build_discriminator(name, **TINY_CRITIC)(images((1, 16, 16, 1))).dtype == "float32"
+
+
+def test_vq_straight_through_gradient_reaches_the_encoder():
+    model = models.build("vq_autoencoder", scale=2, **TINY["vq_autoencoder"])
+    target = images((2, 14, 18, 1), seed=3)
+    with tf.GradientTape() as tape:
+        out = model(images(), training=True)
+        commitment, codebook = model.losses
+        loss = tf.reduce_mean((out - target) ** 2) + commitment + codebook
+    assert float(codebook) > 0.0 and float(commitment) > 0.0
+    first_conv, codebook_var = model.encoder[0].kernel, model.quantizer.codebook
+    grads = tape.gradient(loss, [first_conv, codebook_var])
+    assert float(tf.reduce_max(tf.abs(grads[0]))) > 0.0
+    assert float(tf.reduce_max(tf.abs(grads[1]))) > 0.0
+
+
+def test_vq_ema_codebook_follows_the_encodings():
+    quantizer = blocks.VectorQuantizer(codebook_size=4, embedding_dim=2, ema=True, decay=0.5)
+    vectors = tf.constant([[[[0.9, 0.9], [0.8, 1.0]]]])
+    quantizer(vectors)
+    start = quantizer.codebook.numpy()
+    assert not quantizer.codebook.trainable
+    assert len(quantizer.losses) == 1  # commitment only
+    quantizer(vectors, training=True)
+    moved = np.any(start != quantizer.codebook.numpy(), axis=1)
+    assert moved.sum() >= 1  # the entries that were used moved towards the vectors ...
+    np.testing.assert_allclose(quantizer.codebook.numpy()[~moved], start[~moved])  # ... the others stayed
+    used = np.argmax(moved)
+    assert np.linalg.norm(quantizer.codebook.numpy()[used] - 0.9) < np.linalg.norm(start[used] - 0.9)
+
+
+def test_vq_ema_codebook_stays_identical_across_replicas():
+    """Each replica sees different vectors; the averaged statistics give one codebook.
+    In a subprocess: the two logical CPUs must be configured before TensorFlow starts."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from sr_tf.models.blocks import VectorQuantizer
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            quantizer = VectorQuantizer(codebook_size=8, embedding_dim=2, ema=True, decay=0.5)
+            quantizer.build((None, 2))
+        vectors = np.random.default_rng(0).random((8, 1, 1, 2), dtype=np.float32)
+        batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(vectors).batch(8))
+        step = tf.function(lambda x: strategy.run(lambda v: quantizer(v, training=True), args=(x,)))
+        for batch in batches:
+            step(batch)
+        first, second = (v.numpy() for v in quantizer.codebook.value.values)
+        assert np.array_equal(first, second), (first, second)
+        print("identical")
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert "identical" in result.stdout, result.stderr[-2000:]
+
+
+def test_straight_through_clip():
+    head = blocks.UnitRange("clip")
+    x = tf.constant([-0.5, 0.5, 1.5])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = head(x, training=True)
+    np.testing.assert_allclose(y, [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(tape.gradient(y, x), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(head(x, training=False), [0.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_bicubic_upsample_equals_tf_image_resize(scale):
+    for shape in [(2, 7, 9, 1), (1, 1, 2, 3)]:
+        x = images(shape)
+        expected = tf.image.resize(x, (shape[1] * scale, shape[2] * scale), method="bicubic")
+        np.testing.assert_allclose(blocks.bicubic_upsample(tf.constant(x), scale), expected, atol=1e-6)
+
+
+def test_pad_to_multiple_repeats_the_edge():
+    x = tf.reshape(tf.range(6, dtype="float32"), (1, 2, 3, 1))
+    padded = blocks.pad_to_multiple(x, 4)
+    assert padded.shape == (1, 4, 4, 1)
+    np.testing.assert_array_equal(padded[0, :, :, 0], [[0, 1, 2, 2], [3, 4, 5, 5], [3, 4, 5, 5], [3, 4, 5, 5]])
