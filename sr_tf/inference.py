@@ -1,0 +1,266 @@
+"""Run a trained generator, whatever form it was saved in, on images of any size.
+
+    predictor = load_predictor("runs/swift_srgan_x4")          # or .keras, SavedModel, .tflite
+    sr = tiled_predict(predictor, lr, tile=256, overlap=32)    # (H, W, 1) -> (4H, 4W, 1)
+
+A :class:`Predictor` maps float32 LR batches (N, h, w, 1) in [0, 1] to (N, s*h, s*w, 1).
+It knows its scale (from the model, its model card, or one probe call) and, where the
+model came with one, the training configuration (``config.json`` of its run, or the
+``model_card.json`` that ``export.py`` writes beside its files).
+
+Large images are cut into overlapping tiles whose outputs are stitched from their
+interiors only, so memory is bounded by the tile batch and the output array, and the
+result equals whole-image inference wherever the model's receptive field fits in the
+overlap. Tile origins are multiples of ``align`` LR pixels (but the last, flush with the
+image edge), so models with strided layers (the VQ autoencoder) see the pixel grid of
+the whole image.
+"""
+
+import json
+import os
+
+import numpy as np
+
+MODEL_CARD = "model_card.json"
+
+
+class Predictor:
+    """A loaded model. ``predict(batch)`` runs it; subclasses differ in the runtime."""
+
+    kind = "keras"
+
+    def __init__(self, path, name, config=None, card=None):
+        self.path = path
+        self.name = name
+        self.config = config  # the training configuration, when known
+        self.card = card  # the export model card, when there is one
+        self._scale = None
+
+    @property
+    def scale(self):
+        if self._scale is None:
+            known = (self.card or {}).get("model_scale") or getattr(self, "_model_scale", None)
+            if known is None:
+                probe = self.predict(np.zeros((1, 16, 16, 1), np.float32))
+                known = probe.shape[1] // 16
+            self._scale = int(known)
+        return self._scale
+
+    def predict(self, batch):
+        raise NotImplementedError
+
+    def __call__(self, batch):
+        return self.predict(batch)
+
+
+class KerasPredictor(Predictor):
+    kind = "keras"
+
+    def __init__(self, model, path, name, config=None, card=None):
+        import tensorflow as tf
+
+        super().__init__(path, name, config, card)
+        self.model = model
+        self._model_scale = getattr(model, "scale", None)
+        # One trace for every size: the batch, height and width are left free.
+        self._run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def predict(self, batch):
+        out = self._run(np.asarray(batch, np.float32))
+        return np.asarray(out, np.float32)
+
+
+class SavedModelPredictor(Predictor):
+    kind = "saved_model"
+
+    def __init__(self, path, name, config=None, card=None):
+        import tensorflow as tf
+
+        super().__init__(path, name, config, card)
+        self.module = tf.saved_model.load(path)
+        signature = self.module.signatures.get("serving_default")
+        if signature is None:
+            raise ValueError(f"{path}: the SavedModel has no serving_default signature")
+        self._signature = signature
+        self._input = next(iter(signature.structured_input_signature[1]))
+
+    def predict(self, batch):
+        import tensorflow as tf
+
+        outputs = self._signature(**{self._input: tf.constant(np.asarray(batch, np.float32))})
+        return np.asarray(next(iter(outputs.values())), np.float32)
+
+
+class TFLitePredictor(Predictor):
+    """The LiteRT interpreter, resized to each input shape (kept while shapes repeat).
+
+    Quantised inputs/outputs (full-integer models built with integer I/O) are mapped
+    through their scale and zero point, so callers always pass and get [0, 1] floats.
+    """
+
+    kind = "tflite"
+
+    def __init__(self, path, name, config=None, card=None, threads=None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        super().__init__(path, name, config, card)
+        try:
+            self.interpreter = Interpreter(model_path=path, num_threads=threads or os.cpu_count())
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"{path}: not a TFLite model the LiteRT runtime can load ({exc})") from exc
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        self._shape = None
+
+    def _resize(self, shape):
+        if self._shape != shape:
+            self.interpreter.resize_tensor_input(self._input["index"], list(shape), strict=False)
+            self.interpreter.allocate_tensors()
+            self._input = self.interpreter.get_input_details()[0]
+            self._output = self.interpreter.get_output_details()[0]
+            self._shape = shape
+
+    def predict(self, batch):
+        batch = np.asarray(batch, np.float32)
+        self._resize(tuple(batch.shape))
+        self.interpreter.set_tensor(self._input["index"], _quantize(batch, self._input))
+        self.interpreter.invoke()
+        return _dequantize(self.interpreter.get_tensor(self._output["index"]), self._output)
+
+
+def _quantize(values, detail):
+    dtype = detail["dtype"]
+    if dtype == np.float32:
+        return values
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(values / scale + zero), info.min, info.max).astype(dtype)
+
+
+def _dequantize(values, detail):
+    if values.dtype == np.float32:
+        return values.copy()
+    scale, zero = detail["quantization"]
+    return ((values.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
+def _read_json(path):
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return None
+
+
+def _config_near(folder):
+    """The training config and model card found in ``folder`` (either may be None)."""
+    card = _read_json(os.path.join(folder, MODEL_CARD))
+    config = _read_json(os.path.join(folder, "config.json"))
+    if config is None and card is not None:
+        config = card.get("training")
+    return config, card
+
+
+def load_predictor(path, threads=None):
+    """A :class:`Predictor` for a run folder, a ``.keras`` file, a SavedModel folder, an
+    export folder (its SavedModel) or a ``.tflite`` file. ValueError naming the path
+    and the reason when it is none of those or cannot be loaded."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such model file or folder")
+    if os.path.isdir(path):
+        config, card = _config_near(path)
+        if os.path.isfile(os.path.join(path, "generator.keras")):
+            return _load_keras(os.path.join(path, "generator.keras"), config, card)
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            return SavedModelPredictor(path, _name(path, card), config, card)
+        if os.path.isfile(os.path.join(path, "saved_model", "saved_model.pb")):
+            return SavedModelPredictor(os.path.join(path, "saved_model"), _name(path, card), config, card)
+        raise ValueError(
+            f"{path}: not a model folder (expected generator.keras from a training run, or a SavedModel)"
+        )
+    config, card = _config_near(os.path.dirname(os.path.abspath(path)))
+    if path.endswith(".keras"):
+        return _load_keras(path, config, card)
+    if path.endswith(".tflite"):
+        return TFLitePredictor(path, _name(path, card), config, card, threads=threads)
+    raise ValueError(f"{path}: unknown model format (expected a run folder, .keras, a SavedModel or .tflite)")
+
+
+def _name(path, card):
+    if card and card.get("name"):
+        return card["name"]
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+
+def _load_keras(path, config, card):
+    import keras
+
+    import sr_tf.models  # noqa: F401  (registers the model classes for deserialisation)
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # zip, JSON and deserialisation errors of every kind
+        raise ValueError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc})") from exc
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    name = (card or {}).get("name") or (folder if os.path.basename(path) == "generator.keras" else None)
+    return KerasPredictor(model, path, name or _name(path, None), config, card)
+
+
+# ----------------------------------------------------------------------------- tiling
+
+
+def tile_origins(size, tile, overlap, align=1):
+    """Start offsets of tiles of ``tile`` pixels covering ``size`` with at least
+    ``overlap`` pixels shared between neighbours, each a multiple of ``align`` but the
+    last, which ends flush with the image. One tile when it fits."""
+    if tile >= size:
+        return [0]
+    stride = max(align, (tile - overlap) // align * align)
+    return list(range(0, size - tile, stride)) + [size - tile]
+
+
+def _keep_range(origins, index, tile, size):
+    """The part [lo, hi) of tile ``index`` (input pixels) that it contributes: the seams
+    sit half-way through each overlap, so every pixel comes from the tile whose border
+    is furthest from it."""
+    start = origins[index]
+    lo = start if index == 0 else (start + origins[index - 1] + tile) // 2
+    hi = min(start + tile, size) if index == len(origins) - 1 else (origins[index + 1] + start + tile) // 2
+    return lo, hi
+
+
+def tiled_predict(predictor, image, tile=256, overlap=32, batch_size=4, align=2, progress=None):
+    """Super-resolve one image (H, W) or (H, W, 1) with overlapping tiles.
+
+    ``tile`` and ``overlap`` are in LR pixels. Tiles are run ``batch_size`` at a time.
+    The output is (s*H, s*W, 1) float32 (s = ``predictor.scale``), filled in place, so
+    peak memory is the output plus one batch of tiles. ``progress`` is called with
+    (tiles done, tiles total) after each batch.
+    """
+    image = np.asarray(image, np.float32)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] != 1:
+        raise ValueError(f"expected a single-channel image (H, W) or (H, W, 1), got shape {image.shape}")
+    if tile < 8 or not 0 <= overlap < tile // 2:
+        raise ValueError(f"tile must be at least 8 and overlap in [0, tile/2); got tile={tile}, overlap={overlap}")
+    height, width = image.shape[:2]
+    scale = predictor.scale
+    rows = tile_origins(height, tile, overlap, align)
+    cols = tile_origins(width, tile, overlap, align)
+    th, tw = min(tile, height), min(tile, width)
+    output = np.empty((height * scale, width * scale, 1), np.float32)
+    jobs = [(r, c) for r in range(len(rows)) for c in range(len(cols))]
+    for first in range(0, len(jobs), batch_size):
+        chunk = jobs[first:first + batch_size]
+        batch = np.stack([image[rows[r]:rows[r] + th, cols[c]:cols[c] + tw] for r, c in chunk])
+        result = predictor.predict(batch)
+        for (r, c), out in zip(chunk, result):
+            y0, y1 = _keep_range(rows, r, th, height)
+            x0, x1 = _keep_range(cols, c, tw, width)
+            oy, ox = (y0 - rows[r]) * scale, (x0 - cols[c]) * scale
+            output[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = out[oy:oy + (y1 - y0) * scale,
+                                                                       ox:ox + (x1 - x0) * scale]
+        if progress is not None:
+            progress(min(first + batch_size, len(jobs)), len(jobs))
+    return output

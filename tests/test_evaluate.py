@@ -1,0 +1,137 @@
+"""evaluate.py: metrics that agree with skimage, baselines that match training, clear errors."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+import tensorflow as tf
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from data_prep import convert
+from sr_tf import evaluation, inference, metrics, records
+from sr_tf.training import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ct_pair(testdata):
+    ds = pydicom.dcmread(testdata("693_UNCI.dcm"))
+    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+    hr = np.clip((hu + 1024.0) / 4095.0, 0, 1).astype(np.float32)[..., None]
+    lr = tf.image.resize(hr[None], (128, 128), method="bicubic", antialias=True)
+    test = metrics.upsample(lr, (512, 512), "bicubic")[0].numpy()
+    return hr, test
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, testdata):
+    """A briefly trained tiny residual CNN on real CT (train) and MR/CT (val, test)."""
+    base = tmp_path_factory.mktemp("eval")
+    data = base / "records"
+    split_map = {"CQ500-CT-310": "train", "4MR1": "val", "1CT1": "test"}
+    convert.convert([testdata(n) for n in ("693_UNCI.dcm", "MR_small.dcm", "CT_small.dcm")], str(data),
+                    convert.Options(split_map=split_map), progress=False)
+    config = loop.TrainConfig(model="residual_cnn", scale=2, data=str(data), run_dir=str(base / "run"), steps=10,
+                              batch_size=4, patch_size=32, perceptual="none", learning_rate=1e-3,
+                              strategy="default", eval_every=10, checkpoint_every=10, model_options={"filters": 16},
+                              progress=False, grid_images=1)
+    built = loop.train(config)
+    return {"data": str(data), "run": str(base / "run"), "built": built, "config": config}
+
+
+def test_psnr_and_ssim_agree_with_skimage(ct_pair):
+    hr, test = ct_pair
+    ours_psnr = float(metrics.psnr(hr[None], test[None])[0])
+    ours_ssim = float(metrics.ssim(hr[None], test[None])[0])
+    ref_psnr = peak_signal_noise_ratio(hr[..., 0], test[..., 0], data_range=1.0)
+    ref_ssim = structural_similarity(hr[..., 0], test[..., 0], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False)
+    assert abs(ours_psnr - ref_psnr) < 1e-4
+    assert abs(ours_ssim - ref_ssim) < 1e-4
+    # With the border shaved, as evaluation does.
+    shaved = float(metrics.psnr(hr[None], test[None], border=4)[0])
+    assert abs(shaved - peak_signal_noise_ratio(hr[4:-4, 4:-4, 0], test[4:-4, 4:-4, 0], data_range=1.0)) < 1e-4
+
+
+def test_identical_images_give_infinite_psnr_handled_cleanly(ct_pair, tmp_path):
+    hr, _ = ct_pair
+    assert math.isinf(float(metrics.psnr(hr[None], hr[None])[0]))
+    config = evaluation.EvalConfig(data="unused", scale=2)
+    row = evaluation.measure(tf.constant(hr), tf.constant(hr), tf.constant(hr[::2, ::2]), config, window=(-1024, 3071))
+    assert math.isinf(row["psnr"]) and math.isinf(row["psnr_hu"]) and row["ssim"] == pytest.approx(1.0)
+    rows = [dict(image="a", modality="CT", method="model", **row),
+            dict(image="b", modality="CT", method="model", **dict(row, psnr=30.0))]
+    summary = evaluation.summarize(rows)
+    assert summary["CT"]["model"]["psnr"] == 30.0 and summary["CT"]["model"]["psnr_infinite"] == 1
+    evaluation.write_csv(rows, tmp_path / "rows.csv")
+    assert "inf" in (tmp_path / "rows.csv").read_text()
+
+
+def test_bicubic_baseline_and_inputs_match_the_training_validation(tiny_run, tmp_path):
+    predictor = inference.load_predictor(tiny_run["run"])
+    config = evaluation.EvalConfig(data=tiny_run["data"], split="val", scale=2, figures=1)
+    rows, summary = evaluation.run(predictor, config, tmp_path / "out", progress=False)
+    # The training loop's own validation (same pipeline, same degradation seed per image).
+    from sr_tf.data import pipeline
+
+    val = pipeline.make_dataset(tiny_run["data"], "val", 2, None, 1, degradation="bicubic", seed=0)
+    trained = loop.evaluate(tiny_run["built"]["generator"], val, 2)
+    assert summary["all"]["bicubic"]["psnr"] == pytest.approx(trained["bicubic_psnr"], abs=1e-4)
+    assert summary["all"]["model"]["psnr"] == pytest.approx(trained["psnr"], abs=1e-3)
+    assert summary["all"]["bicubic"]["ssim"] == pytest.approx(trained["bicubic_ssim"], abs=1e-5)
+    methods = {r["method"] for r in rows}
+    assert methods == {"model", "nearest", "bilinear", "bicubic", "lanczos"}
+
+
+def test_ct_metrics_in_hu_recover_the_unit_psnr(tiny_run, tmp_path):
+    predictor = inference.load_predictor(tiny_run["run"])
+    config = evaluation.EvalConfig(data=tiny_run["data"], split="test", scale=2, figures=0)
+    rows, _ = evaluation.run(predictor, config, tmp_path / "out", progress=False)
+    ct = [r for r in rows if r["modality"] == "CT"]
+    assert ct and all(abs(r["psnr_hu"] - r["psnr"]) < 1e-3 for r in ct)
+    assert all(r["rmse_hu"] > 0 and r["mae_hu"] <= r["rmse_hu"] for r in ct)
+    # Interpolation is consistent with its own input by construction; close to it at least.
+    bicubic = [r for r in ct if r["method"] == "bicubic"]
+    assert all(r["consistency_psnr"] > r["psnr"] for r in bicubic)
+
+
+def test_missing_model_and_empty_data_give_clear_errors(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        inference.load_predictor(str(tmp_path / "nope.keras"))
+    predictor = inference.load_predictor(tiny_run["run"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(records.RecordsError, match="no manifest.json"):
+        evaluation.run(predictor, evaluation.EvalConfig(data=str(empty), scale=2), tmp_path / "o", progress=False)
+    with pytest.raises(records.RecordsError, match="does not exist"):
+        evaluation.run(predictor, evaluation.EvalConfig(data=str(tmp_path / "x"), scale=2), tmp_path / "o",
+                       progress=False)
+    with pytest.raises(evaluation.EvaluationError, match="needs x4"):
+        evaluation.run(predictor, evaluation.EvalConfig(data=tiny_run["data"], scale=4), tmp_path / "o",
+                       progress=False)
+
+
+def test_cli_writes_csv_summary_and_figures(tiny_run, tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "evaluate.py", f"--model={tiny_run['run']}", f"--data={tiny_run['data']}",
+                           f"--output={out}", "--noprogress", "--figures=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "vs bicubic" in proc.stdout
+    with open(out / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and {r["method"] for r in rows} == {"model", "nearest", "bilinear", "bicubic", "lanczos"}
+    assert rows[0]["modality"] == "CT" and float(rows[0]["rmse_hu"]) > 0
+    summary = (out / "summary.md").read_text()
+    assert "gain over bicubic" in summary and "| model |" in summary
+    assert (out / "figure_00.png").stat().st_size > 10000
+    bad = subprocess.run([sys.executable, "evaluate.py", f"--model={tmp_path / 'missing'}", "--noprogress"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "missing" in bad.stderr
