@@ -16,7 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("input", [], "Files, folders (recursive) or glob patterns to convert.")
+flags.DEFINE_multi_string("input", [], "Files, folders (recursive) or glob patterns to convert; repeat the "
+                          "flag or separate with commas.")
 flags.DEFINE_string("output", None, "Output folder (shards + manifest.json).")
 flags.DEFINE_bool("samples", False, "Convert the embedded sample set (pydicom-data, nilearn).")
 flags.DEFINE_float("val_fraction", 0.1, "Fraction of patients in the validation split.")
@@ -93,7 +94,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.output:
         raise app.UsageError("--output is required")
-    inputs = list(FLAGS.input)
+    inputs = [part.strip() for value in FLAGS.input for part in value.split(",") if part.strip()]
     if FLAGS.samples:
         inputs += samples.sample_paths()
     if not inputs:

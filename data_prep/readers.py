@@ -84,7 +84,7 @@ def read_dicom_header(path):
         raise InputError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
 
 
-def _functional_group_item(ds, frame, sequence):
+def functional_group_item(ds, frame, sequence):
     """The item of ``sequence`` for ``frame`` in an enhanced multi-frame object, if any."""
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         seq = ds.get(groups)
@@ -97,7 +97,7 @@ def _functional_group_item(ds, frame, sequence):
 
 def dicom_pixel_spacing(ds, frame=0):
     """(row, col) spacing in mm from PixelSpacing, ImagerPixelSpacing or functional groups."""
-    for source in (ds, _functional_group_item(ds, frame, "PixelMeasuresSequence")):
+    for source in (ds, functional_group_item(ds, frame, "PixelMeasuresSequence")):
         if source is None:
             continue
         for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
@@ -107,7 +107,7 @@ def dicom_pixel_spacing(ds, frame=0):
     return 0.0, 0.0
 
 
-def _modality_lut(frames, ds):
+def modality_lut(frames, ds):
     """Apply the modality LUT (rescale) frame by frame, honouring enhanced functional groups."""
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_modality_lut
@@ -116,7 +116,7 @@ def _modality_lut(frames, ds):
         return [np.asarray(apply_modality_lut(f, ds), dtype=np.float64) for f in frames]
     out = []
     for index, frame in enumerate(frames):
-        item = _functional_group_item(ds, index, "PixelValueTransformationSequence")
+        item = functional_group_item(ds, index, "PixelValueTransformationSequence")
         lut = Dataset()
         if item is not None and "RescaleSlope" in item:
             lut.RescaleSlope = item.RescaleSlope
@@ -125,7 +125,8 @@ def _modality_lut(frames, ds):
     return out
 
 
-def _stored_value_range(ds):
+def stored_value_range(ds):
+    """(min, max) stored pixel value that BitsStored and PixelRepresentation allow."""
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
     if int(ds.get("PixelRepresentation", 0)) == 1:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -183,10 +184,10 @@ def dicom_to_physical(ds, path):
     frames = decode_dicom_frames(ds, path)
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return [f.astype(np.float64) for f in frames]
-    physical = _modality_lut(frames, ds)
+    physical = modality_lut(frames, ds)
     if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
         # Invert within the full stored range mapped through the LUT, so dense is bright.
-        lo, hi = (float(v) for v in _modality_lut([np.array(_stored_value_range(ds))], ds)[0])
+        lo, hi = (float(v) for v in modality_lut([np.array(stored_value_range(ds))], ds)[0])
         physical = [lo + hi - f for f in physical]
     return physical
 

@@ -229,6 +229,14 @@ def _keep_range(origins, index, tile, size):
     return lo, hi
 
 
+def check_tiling(tile, overlap, batch_size=1):
+    """ValueError unless ``tile`` >= 8 LR pixels, 0 <= ``overlap`` < tile/2 and ``batch_size`` >= 1."""
+    if tile < 8 or not 0 <= overlap < tile // 2:
+        raise ValueError(f"tile must be at least 8 and overlap in [0, tile/2); got tile={tile}, overlap={overlap}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
 def tiled_predict(predictor, image, tile=256, overlap=32, batch_size=4, align=2, progress=None):
     """Super-resolve one image (H, W) or (H, W, 1) with overlapping tiles.
 
@@ -242,8 +250,7 @@ def tiled_predict(predictor, image, tile=256, overlap=32, batch_size=4, align=2,
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] != 1:
         raise ValueError(f"expected a single-channel image (H, W) or (H, W, 1), got shape {image.shape}")
-    if tile < 8 or not 0 <= overlap < tile // 2:
-        raise ValueError(f"tile must be at least 8 and overlap in [0, tile/2); got tile={tile}, overlap={overlap}")
+    check_tiling(tile, overlap, batch_size)
     height, width = image.shape[:2]
     scale = predictor.scale
     rows = tile_origins(height, tile, overlap, align)

@@ -395,6 +395,11 @@ def test_cli_exit_codes_and_console_summary(testdata, tmp_path):
     assert "wrote 1 records" in ok.stdout and "bad.dcm" in ok.stdout and "1 input(s) failed" in ok.stdout
     manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
     assert manifest["failed"][0]["input"].endswith("bad.dcm")
+    # A repeated --input adds to the list (it does not replace the earlier ones).
+    both = _cli(f"--input={testdata('CT_small.dcm')}", f"--input={testdata('MR_small.dcm')}",
+                f"--output={tmp_path / 'both'}", "--noprogress")
+    assert both.returncode == 0, both.stderr
+    assert sum(json.loads((tmp_path / "both" / "manifest.json").read_text())["counts"].values()) == 2
     none = _cli(f"--input={bad}", f"--output={tmp_path / 'none'}", "--noprogress")
     assert none.returncode != 0
     assert "no image could be converted" in none.stderr and "bad.dcm" in none.stderr

@@ -1,0 +1,143 @@
+"""Upscale DICOM, NIfTI and PNG/JPEG/TIFF files with a trained model, in their own format.
+
+    python upscale.py --model=runs/swift_srgan_x4 --input=scans/ --output=upscaled
+    python upscale.py --model=saved_models/swift/model_float16.tflite --input='cxr/*.png,ct.dcm' --output=out
+
+--model takes a run folder, a .keras file, a SavedModel folder or a .tflite file.
+--input takes files, folders (searched recursively) and glob patterns, repeated or
+comma-separated. Each file is written to --output as <stem>_x<scale> in its own format
+(DICOM .dcm, NIfTI .nii/.nii.gz, rasters .png); a file that fails is reported with its
+reason and the others still run. upscale_report.json in --output lists every input with
+its output or its error. The exit code is 0 when at least one file was written.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+REPORT = "upscale_report.json"
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder or .tflite.")
+flags.DEFINE_multi_string("input", [], "Files, folders (recursive) or glob patterns; repeat or separate with commas.")
+flags.DEFINE_string("output", None, "Output folder (created if missing).")
+flags.DEFINE_integer("tile", 256, "LR tile size in pixels for tiled inference (bounds memory).")
+flags.DEFINE_integer("overlap", 32, "LR pixels shared by neighbouring tiles; more than the model's receptive field.")
+flags.DEFINE_integer("batch_size", 4, "Tiles per model call.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def collect_inputs(inputs, output_dir):
+    """Files to upscale from the --input values; returns (files, failures, skipped).
+
+    Unknown formats are failures when named explicitly and skipped when found in a
+    folder or by a glob, as are files found inside the output folder (earlier outputs).
+    """
+    from data_prep import convert, readers
+
+    items = [part.strip() for value in inputs for part in value.split(",") if part.strip()]
+    found, missing = convert.expand_inputs(items)
+    failures = [{"input": item, "status": "failed", "output": None, "error": f"{item}: {reason}"}
+                for item, reason in missing]
+    explicit = {os.path.abspath(os.path.expanduser(item)) for item in items}
+    output_root = os.path.join(os.path.abspath(output_dir), "")
+    files, skipped = [], []
+    for path in found:
+        named = os.path.abspath(path) in explicit
+        if not named and os.path.abspath(path).startswith(output_root):
+            skipped.append({"input": path, "reason": "inside the output folder"})
+        elif readers.detect_format(path) is None:
+            reason = "unknown format (expected DICOM, NIfTI .nii/.nii.gz, or PNG/JPEG/TIFF)"
+            if named:
+                failures.append({"input": path, "status": "failed", "output": None, "error": f"{path}: {reason}"})
+            else:
+                skipped.append({"input": path, "reason": reason})
+        else:
+            files.append(path)
+    return files, failures, skipped
+
+
+def unique_output(path, claimed):
+    """``path``, or ``<stem>-2<ext>``, ``-3``, ... when an earlier input of this run took it."""
+    from sr_tf.upscaling import split_extension
+
+    stem, ext = split_extension(path)
+    candidate, n = path, 1
+    while os.path.abspath(candidate) in claimed:
+        n += 1
+        candidate = f"{stem}-{n}{ext}"
+    claimed.add(os.path.abspath(candidate))
+    return candidate
+
+
+def run(predictor, files, output_dir, tile, overlap, batch_size, progress=True):
+    """Upscale ``files`` one by one; returns their report dicts."""
+    from tqdm import tqdm
+
+    from sr_tf import upscaling
+
+    reports, claimed = [], set()
+    with tqdm(total=len(files), desc="upscale", unit="file", disable=not progress, leave=False) as bar:
+        for path in files:
+            bar.set_postfix_str(os.path.basename(path))
+
+            def tiles(done, total):
+                bar.set_postfix_str(f"{os.path.basename(path)} tile {done}/{total}")
+
+            target = unique_output(upscaling.output_path(path, output_dir, predictor.scale), claimed)
+            reports.append(upscaling.upscale_file(predictor, path, output_dir, tile, overlap, batch_size,
+                                                  output=target, progress=tiles))
+            bar.update(1)
+    return reports
+
+
+def summarize(files, skipped, output_dir):
+    written = [f for f in files if f["status"] == "ok"]
+    for item in files:
+        if item["status"] == "ok":
+            print(f"ok      {item['input']} -> {item['output']} ({item['seconds']:.1f} s)")
+        else:
+            print(f"FAILED  {item['error']}")
+    for item in skipped:
+        print(f"skipped {item['input']}: {item['reason']}")
+    print(f"upscaled {len(written)} of {len(files)} file(s) into {output_dir}; "
+          f"report: {os.path.join(output_dir, REPORT)}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.model or not FLAGS.output or not FLAGS.input:
+        raise app.UsageError("--model, --input and --output are required")
+    from data_prep.writer import write_json_atomic
+    from sr_tf import inference
+
+    try:
+        inference.check_tiling(FLAGS.tile, FLAGS.overlap, FLAGS.batch_size)
+    except ValueError as exc:
+        raise app.UsageError(str(exc)) from exc
+    files, failures, skipped = collect_inputs(FLAGS.input, FLAGS.output)
+    try:
+        os.makedirs(FLAGS.output, exist_ok=True)
+        predictor = inference.load_predictor(FLAGS.model)
+        scale = predictor.scale
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    results = failures + run(predictor, files, FLAGS.output, FLAGS.tile, FLAGS.overlap, FLAGS.batch_size,
+                             progress=FLAGS.progress)
+    written = sum(item["status"] == "ok" for item in results)
+    write_json_atomic(os.path.join(FLAGS.output, REPORT), {
+        "model": FLAGS.model, "model_name": predictor.name, "scale": scale, "tile": FLAGS.tile,
+        "overlap": FLAGS.overlap, "batch_size": FLAGS.batch_size, "written": written,
+        "failed": len(results) - written, "files": results, "skipped": skipped,
+    })
+    summarize(results, skipped, FLAGS.output)
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    app.run(main)
