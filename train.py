@@ -44,9 +44,11 @@ flags.DEFINE_string("perceptual_weights", "imagenet", "imagenet (from the Keras 
                     "backbone when absent), a .h5 path, or random.")
 flags.DEFINE_float("tv_weight", 2e-8, "Total variation weight.")
 flags.DEFINE_float("ssim_weight", 0.0, "SSIM loss weight.")
-flags.DEFINE_float("learning_rate", 1e-4, "Generator learning rate.")
+flags.DEFINE_float("learning_rate", None, "Generator learning rate (default 1e-4, Swift-SRGAN's; 1e-3 on the "
+                   "sample-set short schedule).")
 flags.DEFINE_float("d_learning_rate", 1e-4, "Discriminator learning rate.")
-flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine", "step"], "Learning-rate schedule.")
+flags.DEFINE_enum("lr_schedule", None, ["constant", "cosine", "step"], "Learning-rate schedule (default "
+                  "constant; cosine on the sample-set short schedule).")
 flags.DEFINE_bool("mixed_precision", False, "mixed_float16 compute (GPU).")
 flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multi_worker"], "Distribution strategy.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -59,9 +61,14 @@ flags.DEFINE_string("model_options", "{}", "JSON of model constructor options, e
 flags.DEFINE_string("discriminator_options", "{}", "JSON of discriminator options, e.g. '{\"filters\": 32}'.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
-# The sample-set schedule: fits in about 10 minutes on a 2-core CPU.
+# The sample-set short schedule: about 10 minutes on a 2-core CPU. A from-scratch
+# SRResNet at the published 1e-4 barely leaves its initial state in 300 steps
+# (val PSNR 24.4 dB, SSIM 0.29 measured); 1e-3 with cosine decay and most steps on the
+# pixel loss gets much further (27.3 dB, SSIM 0.81) in the same time.
 SAMPLE_STEPS = 300
-SAMPLE_PRETRAIN = 200
+SAMPLE_PRETRAIN = 250
+SAMPLE_LEARNING_RATE = 1e-3
+SAMPLE_LR_SCHEDULE = "cosine"
 
 
 def ensure_samples():
@@ -84,11 +91,12 @@ def config_from_flags():
 
     scale = int(FLAGS.scale)
     samples = FLAGS.data is None
+    short = samples and FLAGS.steps is None  # the sample-set short schedule
     steps = FLAGS.steps or (SAMPLE_STEPS if samples else 10000)
     if FLAGS.pretrain_steps is not None:
         pretrain = FLAGS.pretrain_steps
     elif FLAGS.model in ("srgan", "swift_srgan"):
-        pretrain = min(steps, SAMPLE_PRETRAIN) if samples and FLAGS.steps is None else steps // 5
+        pretrain = min(steps, SAMPLE_PRETRAIN) if short else steps // 5
     else:
         pretrain = 0
     try:
@@ -104,7 +112,9 @@ def config_from_flags():
         pixel_weight=FLAGS.pixel_weight, adversarial_weight=FLAGS.adversarial_weight,
         relativistic=FLAGS.relativistic, perceptual=FLAGS.perceptual, perceptual_weight=FLAGS.perceptual_weight,
         perceptual_weights=FLAGS.perceptual_weights, tv_weight=FLAGS.tv_weight, ssim_weight=FLAGS.ssim_weight,
-        learning_rate=FLAGS.learning_rate, d_learning_rate=FLAGS.d_learning_rate, lr_schedule=FLAGS.lr_schedule,
+        learning_rate=FLAGS.learning_rate or (SAMPLE_LEARNING_RATE if short else 1e-4),
+        d_learning_rate=FLAGS.d_learning_rate,
+        lr_schedule=FLAGS.lr_schedule or (SAMPLE_LR_SCHEDULE if short else "constant"),
         mixed_precision=FLAGS.mixed_precision, strategy=FLAGS.strategy, seed=FLAGS.seed, resume=FLAGS.resume,
         checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
         eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, model_options=model_options,
