@@ -1,0 +1,342 @@
+"""Demo app for reviewing a super-resolution model on one image: ``streamlit run app.py``.
+
+Upload a DICOM, NIfTI or PNG/JPEG/TIFF X-ray (or pick an embedded sample), pick a model
+from saved_models/ or runs/ (or type a path; ``SR_APP_MODEL`` gives one to start with), and
+compare the input, bicubic and the model side by side on one synchronised zoom region,
+with a CT window, the |bicubic - model| map, data-consistency PSNR/SSIM (each output
+downsampled again against the input), the inference time and a download of the result
+in the input's own format. Reading, tiled inference and writing are
+``sr_tf.upscaling``'s; what the page computes for display is ``sr_tf.display``'s.
+"""
+
+import dataclasses
+import hashlib
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import streamlit as st
+
+from data_prep import samples
+from sr_tf import display, inference, upscaling
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MODEL_ROOTS = ("saved_models", "runs")
+MODEL_ENV = "SR_APP_MODEL"  # a model path to start with
+OTHER_MODEL = "another path..."
+DISPLAY_SIDE = 768  # pixels of the longer side of each panel
+# What the embedded samples are (data_prep.samples), so that a reviewer knows what a
+# click will run: the radiograph at x4 is 7820 x 7364 pixels of output.
+SAMPLE_NOTES = {
+    "RG1_UNCI.dcm": "chest radiograph, 1955 x 1841",
+    "693_UNCI.dcm": "head CT, 512 x 512",
+    "eCT_Supplemental.dcm": "enhanced CT, 2 frames of 512 x 512",
+    "CT_small.dcm": "CT, 128 x 128",
+    "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz": "MNI152 brain MR, 189 slices",
+}
+MIME_TYPES = {"dicom": "application/dicom", "nifti": "application/octet-stream", "raster": "image/png"}
+KEEP_RESULTS = 3  # upscaled selections kept per browser session (a large radiograph x4 is ~0.5 GB)
+
+NO_MODEL = """\
+**No model found** in `saved_models/` or `runs/`. Train one, or export a trained one:
+
+```sh
+python train.py --model=swift_srgan            # -> runs/swift_srgan_x4/
+python export.py --model=runs/swift_srgan_x4   # -> saved_models/swift_srgan_x4/
+```
+
+or type the path of a run folder, an export folder, a `.keras` or a `.tflite` file in the
+sidebar (or start the app with `SR_APP_MODEL=/path/to/model streamlit run app.py`).
+"""
+
+
+@dataclasses.dataclass
+class Result:
+    """One upscaled selection of an image, and what the page shows about it."""
+
+    upscaled: np.ndarray  # (S', sH, sW) in [0, 1]
+    slices: list | None  # the slice indices upscaled (None: all)
+    seconds: float
+    tiles: int
+    bicubic: np.ndarray | None = None  # of the shown slice, with the metrics below
+    consistency: dict | None = None  # {"model": {...}, "bicubic": {...}}: display.consistency
+    download: tuple | None = None  # (bytes, file name), made on first display
+
+
+# ----------------------------------------------------------------------------- cached loads
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=4)
+def get_predictor(path):
+    return inference.load_predictor(path)
+
+
+@st.cache_resource(show_spinner=False)
+def upload_folder():
+    """Where uploads are saved under their own names (the suggested output name and the
+    NIfTI/DICOM readers go by the name); removed when the server exits."""
+    return tempfile.TemporaryDirectory(prefix="sr_tf_app_")
+
+
+@st.cache_resource(show_spinner="Reading the file...", max_entries=4)
+def load_upload(name, digest, _data):
+    folder = os.path.join(upload_folder().name, digest[:16])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        f.write(_data)
+    try:
+        return upscaling.load(path)
+    except upscaling.UpscaleError as exc:  # name the file as the user knows it
+        raise upscaling.UpscaleError(str(exc).replace(path, name)) from None
+
+
+@st.cache_resource(show_spinner="Reading the file...", max_entries=4)
+def load_sample(path):
+    return upscaling.load(path)
+
+
+@st.cache_data(show_spinner=False)
+def sample_files():
+    return {os.path.basename(path): path for path in samples.sample_paths()}
+
+
+# ----------------------------------------------------------------------------- page parts
+
+
+def choose_model():
+    """The loaded predictor chosen in the sidebar, or None (the page says why)."""
+    st.sidebar.header("Model")
+    found = display.find_models(*(os.path.join(ROOT, root) for root in MODEL_ROOTS))
+    typed = os.environ.get(MODEL_ENV, "")
+    options = [*found, OTHER_MODEL]
+    path = st.sidebar.selectbox("Trained or exported model", options, index=len(found) if typed else 0,
+                                format_func=lambda path: path if path == OTHER_MODEL else os.path.relpath(path, ROOT))
+    if path == OTHER_MODEL:
+        path = st.sidebar.text_input(
+            "Model path", typed,
+            help="A training run folder, an export folder (saved_models/NAME), a SavedModel, a .keras or a .tflite file.",
+        ).strip()
+    if not path:
+        st.warning(NO_MODEL if not found else "Type the path of a model in the sidebar.")
+        return None
+    try:
+        predictor = get_predictor(os.path.expanduser(path))
+        scale = predictor.scale
+    except Exception as exc:  # noqa: BLE001 - ValueError for a bad path or file; runtimes raise others
+        st.sidebar.error(str(exc))
+        st.error(f"Cannot use the model: {exc}")
+        return None
+    st.sidebar.markdown(f"**{predictor.name}**: x{scale}, {predictor.kind}")
+    with st.sidebar.expander("Model card", expanded=False):
+        st.json(predictor.card or predictor.config or {"note": "no model card or training config beside this model"})
+    return predictor
+
+
+def choose_image():
+    """(image, key (a tuple naming its content), file name) for the chosen upload or
+    sample, or None after saying why."""
+    source = st.radio("Image", ("Upload a file", "Sample image"), horizontal=True, label_visibility="collapsed")
+    if source == "Sample image":
+        files = sample_files()
+        name = st.selectbox("Sample image", list(files), index=None, placeholder="Choose a sample",
+                            format_func=lambda name: f"{name} ({SAMPLE_NOTES.get(name, 'sample')})")
+        if name is None:
+            return None
+        try:
+            return load_sample(files[name]), ("sample", files[name]), name
+        except Exception as exc:  # noqa: BLE001 - the page reports every failure and goes on
+            st.error(_reason(exc, name))
+            return None
+    uploaded = st.file_uploader("DICOM, NIfTI (.nii, .nii.gz) or PNG/JPEG/TIFF X-ray", key="upload")
+    if uploaded is None:
+        st.info("Upload a file, or pick a sample image.")
+        return None
+    name = os.path.basename(uploaded.name) or "upload"
+    data = uploaded.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return load_upload(name, digest, data), (name, digest), name
+    except upscaling.UpscaleError as exc:
+        st.error(f"Cannot read {exc}")
+    except Exception as exc:  # noqa: BLE001 - a reader bug must not take the page down
+        st.error(_reason(exc, name))
+    return None
+
+
+def _reason(exc, name):
+    return f"Cannot read {name}: {type(exc).__name__}: {exc}"
+
+
+def describe(image, name):
+    count, height, width = image.slices.shape
+    spacing = " x ".join(f"{v:g}" for v in image.pixel_spacing) if any(image.pixel_spacing) else "unknown"
+    what = f"{count} slices of {height} x {width}" if count > 1 else f"{height} x {width}"
+    st.caption(
+        f"**{name}**: {image.kind}, {image.modality}, {what} px, pixel spacing {spacing} mm, "
+        f"values {image.lo:g} to {image.hi:g} mapped to [0, 1]"
+    )
+
+
+def run_upscale(predictor, image, slices, tile, overlap):
+    bar = st.progress(0.0, text="Upscaling...")
+    tiles = [0]
+
+    def progress(done, total):
+        tiles[0] = total
+        bar.progress(done / max(total, 1), text=f"Upscaling: {done} of {total} tiles")
+
+    start = time.perf_counter()
+    try:
+        upscaled = upscaling.upscale(predictor, image, tile=tile, overlap=overlap, slices=slices, progress=progress)
+    finally:
+        bar.empty()
+    return Result(upscaled, slices, time.perf_counter() - start, tiles[0])
+
+
+def result_for(predictor, image, key, name, slices, tile, overlap):
+    """The session's Result for these settings, computed once (the oldest are dropped);
+    None after showing why it failed."""
+    results = st.session_state.setdefault("results", {})
+    key = (*key, predictor.path, tile, overlap, "all" if slices is None else tuple(slices))
+    if key not in results:
+        try:
+            results[key] = run_upscale(predictor, image, slices, tile, overlap)
+        except Exception as exc:  # noqa: BLE001 - shown, and the next input still works
+            st.error(f"Cannot upscale {name} with {predictor.name}: {type(exc).__name__}: {exc}")
+            return None
+        while len(results) > KEEP_RESULTS:
+            results.pop(next(iter(results)))
+    return results[key]
+
+
+def display_controls(image):
+    """The zoom box (LR pixels) and, for CT, the window (width, level) in HU, else None."""
+    is_ct = image.modality == "CT"
+    columns = st.columns(4 if is_ct else 3)
+    zoom = columns[0].slider("Zoom", 1.0, 8.0, 1.0, 0.5, help="The same region in every panel.")
+    centre_x = columns[1].slider("Zoom centre x (%)", 0, 100, 50)
+    centre_y = columns[2].slider("Zoom centre y (%)", 0, 100, 50)
+    window = None
+    if is_ct:
+        preset = columns[3].selectbox("CT window (HU)", [*display.WINDOW_PRESETS, "custom"],
+                                      format_func=_window_label)
+        if preset == "custom":
+            custom = st.columns(4)
+            width = custom[0].number_input("Window width (HU)", 1.0, 10000.0, 400.0, 10.0)
+            level = custom[1].number_input("Window level (HU)", -2000.0, 5000.0, 40.0, 10.0)
+            window = (width, level)
+        else:
+            window = display.WINDOW_PRESETS[preset]
+    return display.zoom_box(*image.slices.shape[1:], zoom, centre_x / 100, centre_y / 100), window
+
+
+def _window_label(name):
+    if name not in display.WINDOW_PRESETS:
+        return name
+    width, level = display.WINDOW_PRESETS[name]
+    return f"{name} (W{width:g} / L{level:g})"
+
+
+def show_panels(image, lr, bicubic, output, scale, box, window, predictor):
+    lr_crop = display.crop(lr, box)
+    size = display.display_size(lr_crop.shape, DISPLAY_SIDE)
+    region = f"{box[3] - box[2]} x {box[1] - box[0]} px region" if lr_crop.shape != lr.shape else "whole image"
+    panels = (
+        (f"LR input, {lr.shape[1]} x {lr.shape[0]} ({region})", lr, 1),
+        (f"Bicubic x{scale}, {bicubic.shape[1]} x {bicubic.shape[0]}", bicubic, scale),
+        (f"Model {predictor.name} x{scale}, {output.shape[1]} x {output.shape[0]}", output, scale),
+    )
+    for column, (caption, values, factor) in zip(st.columns(3), panels):
+        values = display.resize(display.crop(values, box, factor), size)
+        if window is not None:
+            values = display.window(values, image.lo, image.hi, *window)
+        column.image(display.to_uint8(values), caption=caption, width="stretch")
+
+
+def show_difference(bicubic, output, scale, box, image, column):
+    size = display.display_size(display.crop(bicubic, box, scale).shape, DISPLAY_SIDE)
+    diff, full_scale = display.difference_map(display.crop(bicubic, box, scale), display.crop(output, box, scale), size)
+    unit = f"{full_scale * (image.hi - image.lo):.4g} HU" if image.modality == "CT" else f"{full_scale:.3g} of the range"
+    column.image(display.to_uint8(diff), width="stretch",
+                 caption=f"|bicubic - model| (inferno: black 0, yellow {unit} or more)")
+
+
+def _number(value, digits, unit=""):
+    if math.isnan(value):
+        return "n/a"
+    return "inf" + unit if math.isinf(value) else f"{value:.{digits}f}{unit}"
+
+
+def _delta(model, baseline, digits, unit=""):
+    difference = model - baseline
+    return f"{difference:+.{digits}f}{unit} vs bicubic" if math.isfinite(difference) else None
+
+
+def show_metrics(result, tile, column):
+    model, base = result.consistency["model"], result.consistency["bicubic"]
+    column.markdown(
+        "**Data consistency**: each output downsampled by the scale (antialiased bicubic) "
+        "and compared with the input. Sharpness the input does not support lowers it."
+    )
+    row = column.columns(2)
+    row[0].metric("PSNR, model", _number(model["psnr"], 2, " dB"), _delta(model["psnr"], base["psnr"], 2, " dB"))
+    row[1].metric("PSNR, bicubic", _number(base["psnr"], 2, " dB"))
+    row = column.columns(2)
+    row[0].metric("SSIM, model", _number(model["ssim"], 4), _delta(model["ssim"], base["ssim"], 4))
+    row[1].metric("SSIM, bicubic", _number(base["ssim"], 4))
+    column.metric("Inference time", f"{result.seconds:.2f} s",
+                  help=f"{result.tiles} tile(s) of up to {tile} LR pixels, tiled with overlap")
+
+
+def offer_download(result, image, predictor, name):
+    if result.download is None:
+        try:
+            result.download = upscaling.to_bytes(image, result.upscaled, predictor, slices=result.slices)
+        except (upscaling.UpscaleError, ValueError, OSError) as exc:
+            st.error(f"Cannot write the result of {name}: {exc}")
+            return
+    data, file_name = result.download
+    st.download_button(f"Download {file_name}", data, file_name=file_name, mime=MIME_TYPES[image.kind],
+                       on_click="ignore", type="primary", key="download")
+
+
+def main():
+    st.set_page_config(page_title="sr_tf: super-resolution review", layout="wide")
+    st.title("Super-resolution review")
+    predictor = choose_model()
+    st.sidebar.header("Tiling")
+    tile = st.sidebar.number_input("Tile (LR pixels)", 32, 2048, 256, 32)
+    overlap = st.sidebar.number_input("Overlap (LR pixels)", 0, 256, 32, 8)
+    chosen = choose_image()
+    if predictor is None or chosen is None:
+        return
+    image, key, name = chosen
+    describe(image, name)
+    count = image.slices.shape[0]
+    index = st.slider("Slice", 0, count - 1, count // 2, key=f"slice-{key!r}") if count > 1 else 0
+
+    scale, tile, overlap = predictor.scale, int(tile), int(overlap)
+    result = result_for(predictor, image, key, name, [index], tile, overlap)
+    if result is None:
+        return
+    lr, output = image.slices[index], result.upscaled[0]
+    if result.bicubic is None:
+        result.bicubic = display.bicubic(lr, scale)
+        result.consistency = {"model": display.consistency(lr, output, scale),
+                              "bicubic": display.consistency(lr, result.bicubic, scale)}
+    box, window = display_controls(image)
+    show_panels(image, lr, result.bicubic, output, scale, box, window, predictor)
+    left, right = st.columns([1, 2])
+    show_difference(result.bicubic, output, scale, box, image, left)
+    show_metrics(result, tile, right)
+
+    if count > 1 and st.checkbox(f"Download all {count} slices (upscales the whole volume)"):
+        result = result_for(predictor, image, key, name, None, tile, overlap)
+    if result is not None:
+        offer_download(result, image, predictor, name)
+
+
+main()
