@@ -295,7 +295,7 @@ def offer_download(result, image, predictor, name):
     if result.download is None:
         try:
             result.download = upscaling.to_bytes(image, result.upscaled, predictor, slices=result.slices)
-        except (upscaling.UpscaleError, ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a writer failure is shown; the page goes on
             st.error(f"Cannot write the result of {name}: {exc}")
             return
     data, file_name = result.download

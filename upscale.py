@@ -25,7 +25,8 @@ flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder or .tf
 flags.DEFINE_multi_string("input", [], "Files, folders (recursive) or glob patterns; repeat or separate with commas.")
 flags.DEFINE_string("output", None, "Output folder (created if missing).")
 flags.DEFINE_integer("tile", 256, "LR tile size in pixels for tiled inference (bounds memory).")
-flags.DEFINE_integer("overlap", 32, "LR pixels shared by neighbouring tiles; more than the model's receptive field.")
+flags.DEFINE_integer("overlap", 32, "LR pixels shared by neighbouring tiles; the seam is at its middle, so at "
+                     "least twice the model's receptive-field radius.")
 flags.DEFINE_integer("batch_size", 4, "Tiles per model call.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
@@ -79,7 +80,8 @@ def run(predictor, files, output_dir, tile, overlap, batch_size, progress=True):
 
     from sr_tf import upscaling
 
-    reports, claimed = [], set()
+    # Inputs are claimed first, so no output name can fall on an input file.
+    reports, claimed = [], {os.path.abspath(p) for p in files}
     with tqdm(total=len(files), desc="upscale", unit="file", disable=not progress, leave=False) as bar:
         for path in files:
             bar.set_postfix_str(os.path.basename(path))

@@ -68,7 +68,8 @@ def _degrade_back(image, config):
 
 
 def _finite(value):
-    return float(value) if math.isfinite(float(value)) else float("inf")
+    """+inf stays +inf (an exact reconstruction); NaN (a broken output) stays NaN."""
+    return float(value)
 
 
 def measure(hr, output, lr, config, window=None):
@@ -169,7 +170,8 @@ def write_csv(rows, path):
 def summarize(rows):
     """Mean of every metric per modality and method (``all`` pools the modalities).
 
-    Infinite PSNR (an exact reconstruction) is kept out of the mean and counted apart.
+    Infinite PSNR (an exact reconstruction) is kept out of the mean and counted apart;
+    a NaN (a model that produced NaN) is not an exact reconstruction: it makes the mean NaN.
     """
     summary = {}
     for modality in sorted({r["modality"] for r in rows}) + ["all"]:
@@ -180,7 +182,7 @@ def summarize(rows):
             entry = {"n": len(chosen)}
             for metric in (*METRICS, *CT_METRICS):
                 values = [r[metric] for r in chosen if metric in r]
-                finite = [v for v in values if math.isfinite(v)]
+                finite = [v for v in values if v != math.inf]
                 if values:
                     entry[metric] = float(np.mean(finite)) if finite else float("inf")
                     if len(finite) < len(values):

@@ -230,9 +230,9 @@ def _keep_range(origins, index, tile, size):
 
 
 def check_tiling(tile, overlap, batch_size=1):
-    """ValueError unless ``tile`` >= 8 LR pixels, 0 <= ``overlap`` < tile/2 and ``batch_size`` >= 1."""
+    """ValueError unless ``tile`` >= 8 LR pixels, 0 <= ``overlap`` < tile // 2 and ``batch_size`` >= 1."""
     if tile < 8 or not 0 <= overlap < tile // 2:
-        raise ValueError(f"tile must be at least 8 and overlap in [0, tile/2); got tile={tile}, overlap={overlap}")
+        raise ValueError(f"tile must be at least 8 and overlap in [0, {tile // 2}); got tile={tile}, overlap={overlap}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 

@@ -227,6 +227,8 @@ def upscale(predictor, image, tile=256, overlap=32, batch_size=4, slices=None, p
             def per_slice(done, total, i=i):
                 progress(i * total + done, len(indices) * total)
         result = inference.tiled_predict(predictor, image.slices[k], tile, overlap, batch_size, progress=per_slice)
+        if not np.isfinite(result).all():
+            raise UpscaleError(f"{image.path}: the model produced NaN or Inf (slice {k}); nothing written")
         result = np.clip(result[..., 0], 0.0, 1.0, out=result[..., 0])
         if len(indices) == 1:
             return result[np.newaxis]

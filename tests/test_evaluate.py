@@ -69,6 +69,9 @@ def test_identical_images_give_infinite_psnr_handled_cleanly(ct_pair, tmp_path):
             dict(image="b", modality="CT", method="model", **dict(row, psnr=30.0))]
     summary = evaluation.summarize(rows)
     assert summary["CT"]["model"]["psnr"] == 30.0 and summary["CT"]["model"]["psnr_infinite"] == 1
+    # A NaN (a broken model) is not an exact reconstruction: it shows in the mean.
+    broken = evaluation.summarize(rows + [dict(rows[1], image="c", psnr=float("nan"))])
+    assert math.isnan(broken["CT"]["model"]["psnr"]) and broken["CT"]["model"]["psnr_infinite"] == 1
     evaluation.write_csv(rows, tmp_path / "rows.csv")
     assert "inf" in (tmp_path / "rows.csv").read_text()
 
@@ -135,3 +138,20 @@ def test_cli_writes_csv_summary_and_figures(tiny_run, tmp_path):
     bad = subprocess.run([sys.executable, "evaluate.py", f"--model={tmp_path / 'missing'}", "--noprogress"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "missing" in bad.stderr
+
+
+def test_tflite_and_keras_of_the_same_model_give_the_same_metrics(tiny_run, tmp_path):
+    """A .tflite and a .keras of the same model give evaluation metrics within 0.05 dB."""
+    from sr_tf import export
+
+    export.export(tiny_run["run"], tmp_path / "export", variants=("float32",))
+    config = evaluation.EvalConfig(data=tiny_run["data"], split="test", scale=2, figures=0)
+    _, keras_summary = evaluation.run(inference.load_predictor(tiny_run["run"]), config, tmp_path / "keras",
+                                      progress=False)
+    tflite = inference.load_predictor(str(tmp_path / "export" / "model_float32.tflite"))
+    assert tflite.kind == "tflite"
+    _, tflite_summary = evaluation.run(tflite, config, tmp_path / "tflite", progress=False)
+    keras_model, tflite_model = keras_summary["all"]["model"], tflite_summary["all"]["model"]
+    for metric in ("psnr", "consistency_psnr", "psnr_hu"):
+        assert abs(keras_model[metric] - tflite_model[metric]) < 0.05, metric
+    assert abs(keras_model["ssim"] - tflite_model["ssim"]) < 1e-4

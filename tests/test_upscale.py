@@ -423,6 +423,33 @@ def test_never_overwrites_the_input(testdata, nearest, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ct.dcm", "ct_x2.dcm"] and written.endswith("ct_x2.dcm")
 
 
+def test_an_output_never_replaces_another_input(testdata, nearest, tmp_path):
+    import upscale
+
+    first = tmp_path / "ct.dcm"
+    first.write_bytes(open(testdata("CT_small.dcm"), "rb").read())
+    second = tmp_path / "ct_x2.dcm"  # the name ct.dcm's output would take
+    second.write_bytes(open(testdata("MR_small.dcm"), "rb").read())
+    original = second.read_bytes()
+    reports = upscale.run(nearest, [str(first), str(second)], str(tmp_path), 256, 32, 4, progress=False)
+    assert [r["status"] for r in reports] == ["ok", "ok"]
+    assert second.read_bytes() == original
+    assert {os.path.basename(r["output"]) for r in reports} == {"ct_x2-2.dcm", "ct_x2_x2.dcm"}
+
+
+class Broken(Nearest):
+    """A diverged model: NaN everywhere."""
+
+    def predict(self, batch):
+        return super().predict(batch) * np.nan
+
+
+def test_a_nan_output_is_an_error_and_writes_nothing(testdata, tmp_path):
+    report = upscaling.upscale_file(Broken(), testdata("CT_small.dcm"), tmp_path)
+    assert report["status"] == "failed" and "NaN" in report["error"] and "CT_small.dcm" in report["error"]
+    assert os.listdir(tmp_path) == []
+
+
 def _bad_inputs(folder, testdata):
     folder.mkdir(parents=True, exist_ok=True)
     truncated = folder / "truncated.dcm"
