@@ -1,0 +1,220 @@
+"""export.py: a SavedModel and four builtin-only TFLite models that match the Keras model,
+run in a fresh process at any shape, and an output folder that is never half-written."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_prep import convert
+from sr_tf import export, inference, models
+from sr_tf.training import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+# filters=32: the 32x32 pointwise kernels reach the converter's 1024-element minimum, so
+# dynamic-range quantisation really quantises them.
+OPTIONS = {"filters": 32, "num_blocks": 2}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, testdata):
+    """A fake run folder: a tiny Swift-SRGAN x2, its config.json pointing at real CT
+    records (the 512x512 head CT as val, so the parity images are full-size crops),
+    and a metrics.csv with validation rows."""
+    base = tmp_path_factory.mktemp("export")
+    data = base / "records"
+    split_map = {"1CT1": "train", "CQ500-CT-310": "val", "4MR1": "test"}
+    convert.convert([testdata(n) for n in ("693_UNCI.dcm", "CT_small.dcm", "MR_small.dcm")], str(data),
+                    convert.Options(split_map=split_map), progress=False)
+    run = base / "run"
+    run.mkdir()
+    models.build("swift_srgan", scale=2, **OPTIONS).save(run / "generator.keras")
+    config = loop.TrainConfig(model="swift_srgan", scale=2, data=str(data), run_dir=str(run), patch_size=32,
+                              model_options=OPTIONS)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    (run / "metrics.csv").write_text("step,phase,metric,value\n5,val,psnr,30.5\n10,train,loss,0.1\n"
+                                     "10,val,psnr,31.25\n10,val,ssim,0.875\n")
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("saved_models") / "tiny_x2"
+    report = export.export(str(run_dir), str(output), calibration_samples=16)
+    return output, report
+
+
+def test_every_form_is_written_and_matches_the_keras_model(exported, run_dir):
+    output, report = exported
+    assert sorted(os.listdir(output)) == sorted(["saved_model", "export_report.json", "model_card.json",
+                                                 *(export.tflite_name(v) for v in export.VARIANTS)])
+    assert json.loads((output / "export_report.json").read_text()) == report
+    images = report["parity"]["images"]
+    assert report["parity"]["image_source"] == "records" and len(images) >= 2
+    shapes = [tuple(image["lr_shape"]) for image in images]
+    assert len(set(shapes)) == len(shapes) and all(h != w for h, w in shapes)
+    for form in ("saved_model", *export.VARIANTS):
+        entry = report["variants"][form]
+        assert entry["status"] == "ok", entry
+        assert entry["meets_target"] and entry["bytes"] > 0, (form, entry)
+        floor = 35.0 if "int8" in form else 50.0
+        assert entry["psnr_db"] is None or entry["psnr_db"] >= floor, (form, entry)
+    variants = report["variants"]
+    assert variants["int8"]["integer_only"], variants["int8"]["float_ops"]
+    # Quantised weights make the files smaller than float32; both int8 models differ from it.
+    assert variants["float16"]["bytes"] < variants["float32"]["bytes"]
+    assert variants["dynamic_int8"]["bytes"] < variants["float32"]["bytes"]
+    assert variants["dynamic_int8"]["max_abs_error"] > 0 and variants["int8"]["max_abs_error"] > 0
+    assert report["calibration"]["lr_patch"] == [16, 16] and report["calibration"]["samples"] == 16
+
+
+def test_model_card_describes_the_model_and_its_training(exported, run_dir):
+    output, _ = exported
+    card = json.loads((output / "model_card.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert card["name"] == "tiny_x2" and card["model"] == "swift_srgan"
+    assert card["model_scale"] == 2 and card["scale"] == 2 and card["degradation"] == "bicubic"
+    assert card["training"] == config
+    assert card["training_data"]["path"] == config["data"]
+    assert card["training_data"]["counts"] == {"train": 1, "val": 1, "test": 1}
+    assert card["validation"] == {"step": 10, "psnr": 31.25, "ssim": 0.875}
+    assert card["input"]["name"] == "lr" and card["input"]["shape"] == [None, None, None, 1]
+    assert "65535" in card["intensity"]["model_input"]
+    files = {entry["path"]: entry for entry in card["files"]}
+    assert set(files) == {"saved_model/", "export_report.json", *(export.tflite_name(v) for v in export.VARIANTS)}
+    assert files["model_int8.tflite"]["bytes"] == (output / "model_int8.tflite").stat().st_size
+    # sr_tf.inference reads the card: scale without a probe call, the training config.
+    predictor = inference.load_predictor(str(output))
+    assert predictor.kind == "saved_model" and predictor.name == "tiny_x2"
+    assert predictor.card["model_scale"] == 2 and predictor.config == config
+    tflite = inference.load_predictor(str(output / "model_float16.tflite"))
+    assert tflite.kind == "tflite" and tflite.scale == 2 and tflite.config == config
+
+
+FRESH_PROCESS = """
+import json, sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+from sr_tf import inference
+folder, out = sys.argv[1], sys.argv[2]
+lr = np.random.default_rng(1).random((2, 24, 40, 1)).astype(np.float32)
+results, ops = {}, {}
+for form in ("saved_model", "float32", "float16", "dynamic_int8", "int8"):
+    path = folder if form == "saved_model" else f"{folder}/model_{form}.tflite"
+    results[form] = inference.load_predictor(path).predict(lr)
+    if form != "saved_model":
+        interpreter = Interpreter(model_path=path)
+        ops[form] = sorted({op["op_name"] for op in interpreter._get_ops_details()})
+np.savez(out, lr=lr, **results)
+print(json.dumps(ops))
+"""
+
+
+def test_every_form_runs_in_a_fresh_process_at_a_non_square_shape(exported, run_dir, tmp_path):
+    output, _ = exported
+    outputs = tmp_path / "outputs.npz"
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(output), str(outputs)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ops = json.loads(proc.stdout.strip().splitlines()[-1])
+    for variant, names in ops.items():
+        assert names and not [n for n in names if n.startswith("Flex") or n == "CUSTOM"], (variant, names)
+    assert "QUANTIZE" in ops["int8"] and "DEQUANTIZE" in ops["int8"]
+    results = np.load(outputs)
+    keras_model = inference.load_predictor(str(run_dir))
+    reference = keras_model.predict(results["lr"])
+    assert reference.shape == (2, 48, 80, 1)
+    for form in ("saved_model", *export.VARIANTS):
+        assert results[form].shape == reference.shape and results[form].dtype == np.float32, form
+        value = export.psnr(reference, results[form])
+        floor = 35.0 if "int8" in form else 50.0
+        assert value is None or value >= floor, (form, value)
+    np.testing.assert_allclose(results["saved_model"], reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,options", [
+    ("srgan", {"filters": 8, "num_blocks": 1}),
+    ("vq_autoencoder", {"filters": 8, "num_res_blocks": 1, "codebook_size": 16, "embedding_dim": 4}),
+    ("residual_cnn", {"filters": 8, "num_layers": 3}),
+])
+def test_every_family_exports_builtin_float32_and_int8(family, options, run_dir, tmp_path):
+    """The other families (swift_srgan is the ``exported`` fixture), as a bare .keras
+    calibrated on the fixture's records with ``data``: builtin ops only, parity targets met."""
+    keras_file = tmp_path / f"{family}.keras"
+    models.build(family, scale=2, **options).save(keras_file)
+    report = export.export(str(keras_file), str(tmp_path / "out"), data=str(run_dir.parent / "records"),
+                           variants=("float32", "int8"), calibration_samples=16)
+    for variant in ("float32", "int8"):
+        entry = report["variants"][variant]
+        assert entry["status"] == "ok" and entry["meets_target"], (variant, entry)
+        assert not [n for n in entry["ops"] if n.startswith("Flex") or n == "CUSTOM"], entry["ops"]
+    assert report["variants"]["int8"]["integer_only"], report["variants"]["int8"]["float_ops"]
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["model"] == family and card["model_scale"] == 2 and card["training"] is None
+
+
+def test_without_records_parity_is_synthetic_and_int8_is_reported_not_built(tmp_path):
+    keras_file = tmp_path / "tiny.keras"
+    models.build("residual_cnn", scale=2, filters=8, num_layers=2).save(keras_file)
+    report = export.export(str(keras_file), str(tmp_path / "out"), variants=("int8",))
+    assert report["parity"]["image_source"] == "synthetic" and "no records" in report["parity"]["note"]
+    assert report["variants"]["saved_model"]["meets_target"]
+    int8 = report["variants"]["int8"]
+    assert int8["status"] == "failed" and "calibration data" in int8["error"] and "--data" in int8["error"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["export_report.json", "model_card.json", "saved_model"]
+
+
+def test_missing_model_and_foreign_output_folders_give_clear_errors(exported, run_dir, tmp_path):
+    output, _ = exported
+    with pytest.raises(ValueError, match="nope.keras"):
+        export.export(str(tmp_path / "nope.keras"), str(tmp_path / "out"))
+    with pytest.raises(export.ExportError, match="needs a Keras model"):
+        export.export(str(output), str(tmp_path / "out"))
+    # A folder that is not an export is never clobbered, nor is the run holding the model.
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(export.ExportError, match="not an export folder.*notes.txt"):
+        export.export(str(run_dir), str(foreign))
+    assert os.listdir(foreign) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(export.ExportError, match="holds the input model"):
+        export.export(str(run_dir), str(run_dir))
+    with pytest.raises(export.ExportError, match="cannot|does not exist"):
+        export.export(str(run_dir), str(tmp_path / "out"), data=str(tmp_path / "no_records"))
+    assert sorted(os.listdir(tmp_path)) == ["results"]
+
+
+def test_a_failed_export_leaves_the_previous_one_intact(exported, run_dir, tmp_path, monkeypatch):
+    previous = tmp_path / "previous"
+    shutil.copytree(exported[0], previous)
+
+    def broken(model, directory):
+        os.makedirs(directory)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "save_saved_model", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.export(str(run_dir), str(previous), variants=("float32",))
+    assert sorted(os.listdir(tmp_path)) == ["previous"]  # no partial folder left beside it
+    assert json.loads((previous / "export_report.json").read_text()) == exported[1]
+
+
+def test_cli_replaces_a_previous_export_and_reports_a_missing_model(exported, run_dir, tmp_path):
+    previous = tmp_path / "previous"
+    shutil.copytree(exported[0], previous)
+    proc = subprocess.run([sys.executable, "export.py", f"--model={run_dir}", f"--output={previous}",
+                           "--variants=float16"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "float16" in proc.stdout and "yes" in proc.stdout and str(previous) in proc.stdout
+    assert sorted(os.listdir(previous)) == ["export_report.json", "model_card.json", "model_float16.tflite",
+                                            "saved_model"]
+    assert json.loads((previous / "export_report.json").read_text())["variants"]["float16"]["meets_target"]
+    bad = subprocess.run([sys.executable, "export.py", f"--model={tmp_path / 'missing'}"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "missing: no such model" in bad.stderr
