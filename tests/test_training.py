@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import math
 import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from data_prep import convert
 from sr_tf import records
@@ -270,3 +272,15 @@ def test_multi_worker_two_processes_end_with_identical_weights(tiny_records, tmp
     # Only the chief writes the run's checkpoints and generator; workers clean up scratch.
     assert os.path.exists(tmp_path / "run" / "generator.keras")
     assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".worker")]
+
+
+def test_time_budget_stops_early_evaluated_and_saved(tiny_records, tmp_path):
+    # A budget of 0.6 ms: the first step (which traces the step function) exceeds it.
+    config = tiny_config(tiny_records, tmp_path / "run", steps=50, max_minutes=1e-5)
+    result = loop.train(config)
+    assert result["timed_out"] and result["finished"] and result["step"] < config.steps
+    assert result["val"] is not None and math.isfinite(result["val"]["bicubic_psnr"])
+    assert (tmp_path / "run" / "generator.keras").exists()
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith(f"ckpt-{result['step']}")
+    with pytest.raises(ValueError, match="max_minutes"):
+        tiny_config(tiny_records, tmp_path / "other", max_minutes=-1).check()

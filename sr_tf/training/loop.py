@@ -45,6 +45,7 @@ class TrainConfig:
     data: str = "tfrecords/samples"
     run_dir: str = "runs/swift_srgan_x4"
     steps: int = 1000
+    max_minutes: float = 0.0  # time budget of the loop; 0: none. Stops early, evaluated and saved
     pretrain_steps: int = 0  # pixel-loss generator steps before the adversarial phase
     batch_size: int = 16  # global
     patch_size: int = 96  # HR patch
@@ -92,6 +93,8 @@ class TrainConfig:
             raise ValueError("--pretrain_steps must be between 0 and --steps")
         if self.lr_schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"--lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
+        if self.max_minutes < 0:
+            raise ValueError(f"--max_minutes must be 0 (no budget) or positive, got {self.max_minutes}")
         if self.degrade_on not in ("auto", "pipeline", "device"):
             raise ValueError(f"--degrade_on must be auto, pipeline or device, got {self.degrade_on!r}")
 
@@ -366,6 +369,9 @@ def train(config, flags_text=None, strategy=None):
 
         keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = strategy or make_strategy(config.strategy)
+    if config.max_minutes and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Each worker would read its own clock and stop at a different step: a deadlock.
+        raise TrainingError("--max_minutes cannot be used with several workers; set --steps instead")
     is_chief, worker = _task_info(strategy)
     run_dir = config.run_dir
     if is_chief:
@@ -419,6 +425,7 @@ def train(config, flags_text=None, strategy=None):
                disable=not (config.progress and is_chief), dynamic_ncols=True)
     started = time.perf_counter()
     result = None
+    timed_out = False
     try:
         with _Stop() as stop:
             while int(step.numpy()) < config.steps:
@@ -435,20 +442,27 @@ def train(config, flags_text=None, strategy=None):
                 step.assign_add(1)
                 done = current + 1
                 bar.update(1)
-                if done % config.log_every == 0 or done == config.steps:
+                out_of_time = bool(config.max_minutes) and time.perf_counter() - started >= config.max_minutes * 60
+                last = done == config.steps or out_of_time
+                if done % config.log_every == 0 or last:
                     values["learning_rate"] = _learning_rate(supervised.g_optimizer)
                     values["patches_per_second"] = (done - start) * config.batch_size / (time.perf_counter() - started)
                     recorder.scalars(done, phase, values)
                     bar.set_postfix(loss=f"{values['loss']:.4g}")
-                if done % config.eval_every == 0 or done == config.steps:
+                if done % config.eval_every == 0 or last:
                     result = evaluate(generator, val, config.scale, same_size)
                     recorder.scalars(done, "val", result)
                     recorder.images(done, "val/lr_bicubic_sr_hr", _image_grid(generator, grid_samples))
                     if result["psnr"] > best_psnr.numpy():
                         best_psnr.assign(result["psnr"])
                         best_manager.save(checkpoint_number=done)
-                if done % config.checkpoint_every == 0 or done == config.steps:
+                if done % config.checkpoint_every == 0 or last:
                     last_saved = manager.save(checkpoint_number=done)
+                if out_of_time and done < config.steps:
+                    timed_out = True
+                    print(f"\ntime budget of {config.max_minutes:g} min reached at step {done} of {config.steps}; "
+                          f"checkpoint {last_saved} (continue with --resume)", flush=True)
+                    break
                 if stop.signal:
                     last_saved = manager.save(checkpoint_number=done)
                     print(f"\n{stop.signal}: checkpoint saved at step {done} ({last_saved}); "
@@ -457,10 +471,10 @@ def train(config, flags_text=None, strategy=None):
     finally:
         bar.close()
         recorder.close()
-    finished = int(step.numpy()) >= config.steps
+    finished = int(step.numpy()) >= config.steps or timed_out
     if finished and is_chief:
         generator.save(os.path.join(run_dir, "generator.keras"))
     if not is_chief:
         shutil.rmtree(ckpt_root, ignore_errors=True)
-    built.update(step=int(step.numpy()), val=result, finished=finished, strategy=strategy)
+    built.update(step=int(step.numpy()), val=result, finished=finished, timed_out=timed_out, strategy=strategy)
     return built
