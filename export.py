@@ -45,6 +45,9 @@ def _summary(report):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not os.path.exists(FLAGS.model):  # before the seconds of importing TensorFlow
+        print(f"error: {FLAGS.model}: no such model file or folder", file=sys.stderr)
+        return 1
     from sr_tf import export
 
     name = os.path.basename(os.path.normpath(FLAGS.model))

@@ -25,7 +25,7 @@ The TFLite models are converted from a trace in which depthwise convolutions of 
 than ``XNNPACK_FAST_TAPS`` taps (Swift-SRGAN's 9x9 head and tail) are split into bands of
 kernel rows whose outputs are summed: the same function up to float rounding, but
 XNNPACK (LiteRT's default CPU delegate) runs depthwise kernels of up to 25 taps on a fast
-path and larger ones on a path about 40 times slower per tap, slower even than TFLite's
+path and larger ones on a path about 30 times slower per tap, slower even than TFLite's
 own kernel. The SavedModel keeps the model's graph as it is.
 
 Parity is the PSNR (dB, data range 1) of a form's output against the Keras model's on

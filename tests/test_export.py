@@ -138,23 +138,26 @@ def test_every_form_runs_in_a_fresh_process_at_a_non_square_shape(exported, run_
     np.testing.assert_allclose(results["saved_model"], reference, atol=1e-6)
 
 
-@pytest.mark.parametrize("family,options", [
-    ("srgan", {"filters": 8, "num_blocks": 1}),
-    ("vq_autoencoder", {"filters": 8, "num_res_blocks": 1, "codebook_size": 16, "embedding_dim": 4}),
-    ("residual_cnn", {"filters": 8, "num_layers": 3}),
+@pytest.mark.parametrize("family,options,variants", [
+    ("srgan", {"filters": 8, "num_blocks": 1}, ("float32",)),
+    ("vq_autoencoder", {"filters": 8, "num_res_blocks": 1, "codebook_size": 16, "embedding_dim": 4},
+     ("float32", "int8")),
+    ("residual_cnn", {"filters": 8, "num_layers": 3}, ("float32", "int8")),
 ])
-def test_every_family_exports_builtin_float32_and_int8(family, options, run_dir, tmp_path):
-    """The other families (swift_srgan is the ``exported`` fixture), as a bare .keras
-    calibrated on the fixture's records with ``data``: builtin ops only, parity targets met."""
+def test_every_family_exports_builtin_only(family, options, variants, run_dir, tmp_path):
+    """The other families (swift_srgan is the ``exported`` fixture), as a bare .keras with
+    the fixture's records as ``data``: builtin ops only, parity targets met; int8 too for
+    the two that add their output to an in-model bicubic upsampling (its division and the
+    full [0, 1] output range are where int8 is hardest)."""
     keras_file = tmp_path / f"{family}.keras"
     models.build(family, scale=2, **options).save(keras_file)
     report = export.export(str(keras_file), str(tmp_path / "out"), data=str(run_dir.parent / "records"),
-                           variants=("float32", "int8"), calibration_samples=16)
-    for variant in ("float32", "int8"):
+                           variants=variants, calibration_samples=16)
+    for variant in variants:
         entry = report["variants"][variant]
         assert entry["status"] == "ok" and entry["meets_target"], (variant, entry)
         assert not [n for n in entry["ops"] if n.startswith("Flex") or n == "CUSTOM"], entry["ops"]
-    assert report["variants"]["int8"]["integer_only"], report["variants"]["int8"]["float_ops"]
+        assert variant != "int8" or entry["integer_only"], entry["float_ops"]
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert card["model"] == family and card["model_scale"] == 2 and card["training"] is None
 
