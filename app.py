@@ -325,8 +325,9 @@ def main():
     lr, output = image.slices[index], result.upscaled[0]
     if result.bicubic is None:
         result.bicubic = display.bicubic(lr, scale)
-        result.consistency = {"model": display.consistency(lr, output, scale),
-                              "bicubic": display.consistency(lr, result.bicubic, scale)}
+        degradation = (predictor.config or {}).get("degradation", "bicubic")
+        result.consistency = {"model": display.consistency(lr, output, scale, degradation),
+                              "bicubic": display.consistency(lr, result.bicubic, scale, degradation)}
     box, window = display_controls(image)
     show_panels(image, lr, result.bicubic, output, scale, box, window, predictor)
     left, right = st.columns([1, 2])

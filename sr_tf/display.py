@@ -109,10 +109,10 @@ def bicubic(lr, scale):
     return np.asarray(up, np.float32)[0, ..., 0]
 
 
-def consistency(lr, output, scale):
-    """{"psnr": dB, "ssim": ...} of ``output`` (sH, sW) downsampled by ``scale``
-    (``degrade.downsample``, antialiased bicubic; as it is for scale 1, the restoration
-    models) against the input ``lr`` (H, W).
+def consistency(lr, output, scale, degradation="bicubic"):
+    """{"psnr": dB, "ssim": ...} of ``output`` (sH, sW) downsampled by ``scale`` with the
+    kernel of the model's ``degradation`` (``degrade.consistency_kernel``, as evaluate.py
+    does; as it is for scale 1, the restoration models) against the input ``lr`` (H, W).
 
     Without a high-resolution reference this is what can be checked: an output that
     adds structure the input does not support stops agreeing with it. PSNR is inf for
@@ -125,7 +125,7 @@ def consistency(lr, output, scale):
     height, width = lr.shape[:2]
     output = np.asarray(output, np.float32).reshape(1, height * scale, width * scale, 1)
     reference = lr.reshape(1, height, width, 1)
-    down = output if scale == 1 else degrade.downsample(output, scale)
+    down = output if scale == 1 else degrade.downsample(output, scale, degrade.consistency_kernel(degradation))
     psnr = float(metrics.psnr(reference, down)[0])
     ssim = float(metrics.ssim(reference, down)[0]) if min(height, width) >= 11 else math.nan
     return {"psnr": psnr, "ssim": ssim}  # +inf for an exact match, NaN for a broken output

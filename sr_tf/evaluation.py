@@ -63,8 +63,7 @@ def _degrade_back(image, config):
     """The deterministic downsampling of the degradation, to check consistency with the LR grid."""
     from sr_tf.data import degrade
 
-    kernel = degrade.BLUR_DOWNSAMPLE_KERNEL if config.degradation == "blur_downsample" else "bicubic"
-    return degrade.downsample(image, config.scale, kernel)
+    return degrade.downsample(image, config.scale, degrade.consistency_kernel(config.degradation))
 
 
 def _finite(value):

@@ -94,6 +94,9 @@ def test_consistency_against_the_downsampled_output():
     assert np.isnan(tiny["ssim"]) and tiny["psnr"] > 0
     same_size = display.consistency(lr, lr, 1)  # a restoration model (scale 1) against its input
     assert same_size["psnr"] == np.inf and same_size["ssim"] > 0.999
+    # A blur_downsample model is checked with that preset's kernel (area), as evaluate.py does.
+    lr_area = np.asarray(degrade.downsample(hr[..., None], 2, degrade.consistency_kernel("blur_downsample")))[..., 0]
+    assert display.consistency(lr_area, hr, 2, "blur_downsample")["psnr"] > 60
 
 
 def test_find_models_lists_what_load_predictor_accepts(tmp_path):

@@ -276,6 +276,13 @@ def model_scale(preset, scale):
     return 1 if preset == "bilinear_artifacts" else scale
 
 
+def consistency_kernel(preset):
+    """The deterministic downsampling kernel of ``preset``: what an output is degraded
+    with again to check that it agrees with its LR input (evaluation and the app)."""
+    _check_preset(preset)
+    return BLUR_DOWNSAMPLE_KERNEL if preset == "blur_downsample" else "bicubic"
+
+
 def target_divisor(preset, scale):
     """What the high-resolution crop size must be a multiple of for ``preset``."""
     _check_preset(preset)
