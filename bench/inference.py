@@ -16,9 +16,11 @@ fewer when a configuration's runs exceed ``--budget`` seconds. Parity is the PSN
 form's 512x512 output against the Keras model's (the export's targets: 50 dB float,
 35 dB int8).
 
-Diagnostic rows (smallest size only) show why the TFLite models are traced with the 9x9
-depthwise convolutions split (``sr_tf.export.banded_depthwise``): the same float32 model
-converted from the unsplit graph, and TFLite's own kernels without XNNPACK.
+Diagnostic rows (smallest size only) show what the rearranged TFLite graph
+(``sr_tf.export.tflite_graph``) gains: the same float32 model converted with the tail
+after the last pixel shuffle as in Keras (only the 9x9 depthwise kernels split), and
+converted from the model's own graph (nothing changed); and TFLite's own kernels without
+XNNPACK.
 """
 
 import argparse
@@ -40,6 +42,8 @@ from sr_tf import export, inference, models  # noqa: E402
 
 SCALE = 4
 TARGET_MP_S = 2.0
+BANDED_ONLY = "TFLite float32, tail after the shuffle"
+UNCHANGED = "TFLite float32, model graph unchanged"
 PYTORCH_REFERENCE = "the published PyTorch Swift-SRGAN: 0.28 output MP/s from 256x256 on this CPU"
 
 
@@ -93,14 +97,21 @@ def forms(keras_file, folder, threads, variants):
     return rows
 
 
-def diagnostics(folder, work, threads):
-    """Forms shown at the smallest size only: the unsplit float32 graph, no XNNPACK, one thread."""
+def diagnostics(model, folder, work, threads):
+    """Forms shown at the smallest size only: float32 converted from less rearranged
+    graphs, float32 and int8 without XNNPACK, int8 on one thread."""
     unsplit = os.path.join(work, "unsplit_float32.tflite")
     with open(unsplit, "wb") as f:
         f.write(export.convert(os.path.join(folder, export.SAVED_MODEL_DIR), "float32"))
+    banded_source, banded = os.path.join(work, "banded_only"), os.path.join(work, "banded_float32.tflite")
+    with export.banded_depthwise(model):
+        export.save_saved_model(model, banded_source)
+    with open(banded, "wb") as f:
+        f.write(export.convert(banded_source, "float32"))
     float32 = os.path.join(folder, export.tflite_name("float32"))
     int8 = os.path.join(folder, export.tflite_name("int8"))
-    rows = [("TFLite float32, 9x9 depthwise unsplit", lambda: inference.TFLitePredictor(unsplit, "u", threads=threads)),
+    rows = [(BANDED_ONLY, lambda: inference.TFLitePredictor(banded, "b", threads=threads)),
+            (UNCHANGED, lambda: inference.TFLitePredictor(unsplit, "u", threads=threads)),
             ("TFLite float32, no XNNPACK", lambda: BuiltinKernels(float32, threads))]
     if os.path.isfile(int8):
         rows += [("TFLite int8, no XNNPACK", lambda: BuiltinKernels(int8, threads)),
@@ -123,7 +134,9 @@ def findings(rows, size, gflops_per_mp):
     """What the diagnostic rows and the FLOP count say, as markdown bullets."""
     speed = {r["label"]: r["sizes"][size]["mp_s"] for r in rows if size in r["sizes"]}
     comparisons = [
-        ("TFLite float32", "TFLite float32, 9x9 depthwise unsplit", "Splitting the 9x9 depthwise convolutions into "
+        ("TFLite float32", BANDED_ONLY, "Running the last x2 step's PReLU and the 9x9 tail before the final pixel "
+         "shuffle, the tail as a 1x1 convolution to 100 channels and shifted sums (`export.tflite_graph`)"),
+        (BANDED_ONLY, UNCHANGED, "Splitting the 9x9 depthwise convolutions into "
          "bands of kernel rows (XNNPACK runs depthwise kernels of up to 25 taps on its fast path, larger ones many "
          "times slower, slower even than TFLite's own kernels)"),
         ("TFLite float32", "TFLite float32, no XNNPACK", "XNNPACK over TFLite's own kernels"),
@@ -216,7 +229,7 @@ def main():
                       forms(keras_file, folder, args.threads, variants)]
         if not args.no_diagnostics:
             candidates += [(label, make, None, [min(args.sizes)])
-                           for label, make in diagnostics(folder, work, args.threads)]
+                           for label, make in diagnostics(model, folder, work, args.threads)]
         references, rows = {}, []
         for label, make, key, sizes in candidates:
             predictor = make()

@@ -21,12 +21,19 @@ TFLite model uses builtin ops only (no Flex / select TF ops), so the LiteRT runt
 model quantises its input and dequantises its output inside, so callers pass and get
 [0, 1] floats whatever the variant.
 
-The TFLite models are converted from a trace in which depthwise convolutions of more
-than ``XNNPACK_FAST_TAPS`` taps (Swift-SRGAN's 9x9 head and tail) are split into bands of
-kernel rows whose outputs are summed: the same function up to float rounding, but
-XNNPACK (LiteRT's default CPU delegate) runs depthwise kernels of up to 25 taps on a fast
-path and larger ones on a path about 30 times slower per tap, slower even than TFLite's
-own kernel. The SavedModel keeps the model's graph as it is.
+The TFLite models are converted from the model's function rearranged for XNNPACK
+(LiteRT's default CPU delegate), the same function up to float rounding
+(``tflite_graph``):
+
+* SRGAN and Swift-SRGAN run their last PReLU and their 9x9 tail before the final pixel
+  shuffle (``subpixel_kernel``), the tail as one wide 1x1 convolution and shifted sums
+  (``shifted_sum_conv``), so that no 64-channel tensor at the output resolution is made;
+* depthwise convolutions of more than ``XNNPACK_FAST_TAPS`` taps (Swift-SRGAN's 9x9 head)
+  are split into bands of kernel rows whose outputs are summed: XNNPACK runs depthwise
+  kernels of up to 25 taps on a fast path and larger ones on a path about 30 times
+  slower per tap, slower even than TFLite's own kernel.
+
+The SavedModel keeps the model's graph as it is.
 
 Parity is the PSNR (dB, data range 1) of a form's output against the Keras model's on
 the same inputs: non-square LR images from the records, degraded as in training, run by
@@ -87,15 +94,17 @@ EXPORT_ENTRIES = frozenset(
 # ----------------------------------------------------------------------------- forms
 
 
-def save_saved_model(model, directory):
+def save_saved_model(model, directory, function=None):
     """A SavedModel whose ``serving_default`` maps ``lr`` (N, H, W, C) float32 in [0, 1]
-    to ``sr`` (N, s*H, s*W, C); batch, height and width are free."""
+    to ``sr`` (N, s*H, s*W, C); batch, height and width are free. ``function`` (default:
+    the model in inference mode) computes ``sr`` from ``lr`` with the model's weights."""
     import keras
 
+    function = function or (lambda lr: model(lr, training=False))
     archive = keras.export.ExportArchive()
     archive.track(model)
     spec = tf.TensorSpec((None, None, None, model.channels), tf.float32, name=INPUT_NAME)
-    archive.add_endpoint("serve", lambda lr: {OUTPUT_NAME: model(lr, training=False)}, input_signature=[spec])
+    archive.add_endpoint("serve", lambda lr: {OUTPUT_NAME: function(lr)}, input_signature=[spec])
     archive.write_out(directory, verbose=False)
 
 
@@ -165,6 +174,121 @@ def _banded_call(layer):
         return outputs if layer.activation is None else layer.activation(outputs)
 
     return call
+
+
+def _dense_kernel(conv):
+    """The (k, k, C, O) kernel of a plain or separable (depth multiplier 1) convolution."""
+    if hasattr(conv, "depthwise_kernel"):
+        depthwise = np.asarray(conv.depthwise_kernel)[:, :, :, 0]
+        return depthwise[..., None] * np.asarray(conv.pointwise_kernel)[0, 0][None, None]
+    return np.asarray(conv.kernel)
+
+
+def subpixel_kernel(kernel, block=2):
+    """The kernel of the "same" convolution on the grid *before* ``depth_to_space(block)``
+    that equals ``kernel`` (k, k, C, O; odd k; "same", stride 1) applied *after* it.
+
+    Input and output channels follow ``depth_to_space``'s layout (sub-pixel (a, b) of
+    channel c is channel ``(a * block + b) * C + c``), so
+    ``depth_to_space(conv(x, subpixel_kernel(K)))`` equals ``conv(depth_to_space(x), K)``,
+    zero padding included. Shape (k', k', block^2 C, block^2 O) with
+    k' = 2 * ((k // 2 + block - 1) // block) + 1: 5 for a 9x9 kernel and block 2.
+    """
+    size, _, channels, outputs = kernel.shape
+    if size % 2 == 0 or kernel.shape[1] != size:
+        raise ValueError(f"expected a square kernel of odd size, got {kernel.shape[:2]}")
+    radius = size // 2
+    reach = (radius + block - 1) // block
+    fused = np.zeros((2 * reach + 1, 2 * reach + 1, block * block * channels, block * block * outputs), kernel.dtype)
+    phases = [(a, b) for a in range(block) for b in range(block)]
+    for ty in range(-reach, reach + 1):
+        for tx in range(-reach, reach + 1):
+            for out_index, (a, b) in enumerate(phases):
+                for in_index, (a2, b2) in enumerate(phases):
+                    dy, dx = block * ty + a2 - a, block * tx + b2 - b
+                    if abs(dy) <= radius and abs(dx) <= radius:
+                        fused[ty + reach, tx + reach, in_index * channels:(in_index + 1) * channels,
+                              out_index * outputs:(out_index + 1) * outputs] = kernel[dy + radius, dx + radius]
+    return fused
+
+
+def shifted_sum_conv(inputs, kernel):
+    """A "same", stride-1 convolution with ``kernel`` (k, k, C, O) computed pointwise
+    first: a 1x1 convolution to k*k*O channels (one GEMM with a wide output, which
+    XNNPACK runs near its peak, where O = 4 outputs would use a quarter of its lanes),
+    then each tap's O channels shifted into place by a one-hot depthwise k x k
+    convolution and summed by a 1x1 convolution of ones. The same sums in another order.
+    """
+    size, _, channels, outputs = kernel.shape
+    taps = size * size
+    pointwise = np.transpose(kernel.reshape(taps, channels, outputs), (1, 0, 2)).reshape(1, 1, channels, taps * outputs)
+    shift = np.zeros((size, size, taps * outputs, 1), kernel.dtype)
+    total = np.zeros((1, 1, taps * outputs, outputs), kernel.dtype)
+    for t in range(taps):
+        for o in range(outputs):
+            shift[t // size, t % size, t * outputs + o, 0] = 1.0
+            total[0, 0, t * outputs + o, o] = 1.0
+    z = tf.nn.conv2d(inputs, pointwise, 1, "SAME")
+    z = tf.nn.depthwise_conv2d(z, shift, [1, 1, 1, 1], "SAME")
+    return tf.nn.conv2d(z, total, 1, "SAME")
+
+
+def _subpixel_tail(model):
+    """For an SRResNet-family model (SRGAN, Swift-SRGAN) that upsamples: a function
+    equal to the model that runs its last x2 step and its tail on the grid before the
+    last pixel shuffle, or None when the model has no such layout.
+
+    The model ends ``tail(PReLU(depth_to_space(conv(x))))``, with a 9x9 tail at the
+    output resolution: on 64 channels there, it is the costliest layer on a CPU (a
+    depthwise 9x9 reads every output pixel's 64 features 81 times). The PReLU commutes
+    with the shuffle (its slopes repeated per sub-pixel), and the tail becomes a 5x5
+    convolution before the shuffle (``subpixel_kernel``) computed by
+    ``shifted_sum_conv``; only the final 1-channel image is shuffled.
+    """
+    import keras
+
+    from sr_tf.models.srgan import SRResNet
+
+    if not isinstance(model, SRResNet) or not model.upsample:
+        return None
+    last, tail = model.upsample[-1], model.tail
+    prelu = last.act
+    if (not isinstance(prelu, keras.layers.PReLU) or tuple(prelu.shared_axes or ()) != (1, 2)
+            or tuple(tail.strides) != (1, 1) or tuple(tail.dilation_rate) != (1, 1) or tail.padding != "same"
+            or getattr(tail, "depth_multiplier", 1) != 1 or tail.activation not in (None, keras.activations.linear)):
+        return None
+    kernel = subpixel_kernel(_dense_kernel(tail).astype(np.float32))
+    # Shaped (1, 1, 4C) as keras.layers.PReLU's slopes are, which the converter needs to
+    # fuse relu(u) - slope * relu(-u) into one PRELU op.
+    negative_slopes = -np.tile(np.asarray(prelu.alpha, np.float32).reshape(-1), 4).reshape(1, 1, -1)
+    bias = np.tile(np.asarray(tail.bias, np.float32), 4) if tail.use_bias else 0.0
+
+    def function(lr):
+        u = last.conv(model.trunk(lr))
+        u = tf.nn.relu(u) + tf.constant(negative_slopes) * tf.nn.relu(-u)
+        return model.to_output(tf.nn.depth_to_space(shifted_sum_conv(u, kernel) + bias, 2))
+
+    return function
+
+
+@contextlib.contextmanager
+def tflite_graph(model):
+    """The function the TFLite models are converted from, and what was rearranged in it
+    (a list of notes; empty: the model as it is). The same function as the model up to
+    float rounding, arranged for XNNPACK: ``_subpixel_tail`` for the SRResNet family,
+    and large depthwise kernels split into row bands (``banded_depthwise``)."""
+    with banded_depthwise(model) as changed:
+        notes = []
+        function = _subpixel_tail(model)
+        if function is not None:
+            notes.append("last x2 step and 9x9 tail run before the final pixel shuffle, "
+                         "the tail as a 1x1 convolution and shifted sums (same function)")
+        else:
+            function = lambda lr: model(lr, training=False)  # noqa: E731
+        if changed:
+            notes.append(f"{changed} depthwise convolution(s) of more than {XNNPACK_FAST_TAPS} taps "
+                         "split into bands of kernel rows (XNNPACK fast path; same function)")
+        yield function, notes
 
 
 @contextlib.contextmanager
@@ -534,12 +658,11 @@ def _write_forms(predictor, staging, variants, settings, records_dir, no_records
     report["variants"]["saved_model"] = entry
 
     source = saved_model
-    with banded_depthwise(model) as changed:
-        if changed:
+    with tflite_graph(model) as (function, notes):
+        if notes:
             source = os.path.join(staging, ".tflite_source")
-            save_saved_model(model, source)
-            report["tflite_graph"] = (f"{changed} depthwise convolution(s) of more than {XNNPACK_FAST_TAPS} taps "
-                                      "split into bands of kernel rows (XNNPACK fast path); same function")
+            save_saved_model(model, source, function)
+            report["tflite_graph"] = notes
     calibration = None
     if "int8" in variants:
         calibration = _calibration(records_dir, no_records, settings, calibration_samples, seed, report)

@@ -72,6 +72,7 @@ def test_every_form_is_written_and_matches_the_keras_model(exported, run_dir):
     assert variants["dynamic_int8"]["bytes"] < variants["float32"]["bytes"]
     assert variants["dynamic_int8"]["max_abs_error"] > 0 and variants["int8"]["max_abs_error"] > 0
     assert report["calibration"]["lr_patch"] == [16, 16] and report["calibration"]["samples"] == 16
+    assert len(report["tflite_graph"]) == 2, report["tflite_graph"]  # tail before the shuffle, banded head
 
 
 def test_model_card_describes_the_model_and_its_training(exported, run_dir):
@@ -221,3 +222,47 @@ def test_cli_replaces_a_previous_export_and_reports_a_missing_model(exported, ru
     bad = subprocess.run([sys.executable, "export.py", f"--model={tmp_path / 'missing'}"], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "missing: no such model" in bad.stderr
+
+
+@pytest.mark.parametrize("size,channels,outputs", [(9, 3, 2), (3, 2, 1), (5, 1, 3)])
+def test_subpixel_kernel_moves_a_convolution_before_the_pixel_shuffle(size, channels, outputs):
+    """conv(depth_to_space(x), K) == depth_to_space(conv(x, subpixel_kernel(K))), borders
+    included, and the pointwise-first evaluation gives the same sums."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(size)
+    kernel = rng.normal(size=(size, size, channels, outputs)).astype(np.float32)
+    x = rng.normal(size=(2, 7, 5, 4 * channels)).astype(np.float32)
+    after = tf.nn.conv2d(tf.nn.depth_to_space(x, 2), kernel, 1, "SAME").numpy()
+    fused = export.subpixel_kernel(kernel)
+    assert fused.shape == (2 * ((size // 2 + 1) // 2) + 1,) * 2 + (4 * channels, 4 * outputs)
+    before = tf.nn.depth_to_space(tf.nn.conv2d(x, fused, 1, "SAME"), 2).numpy()
+    np.testing.assert_allclose(before, after, atol=1e-4)
+    shifted = tf.nn.depth_to_space(export.shifted_sum_conv(x, fused), 2).numpy()
+    np.testing.assert_allclose(shifted, after, atol=1e-4)
+    with pytest.raises(ValueError, match="odd size"):
+        export.subpixel_kernel(np.zeros((4, 4, 1, 1), np.float32))
+
+
+@pytest.mark.parametrize("family,scale,channels", [("swift_srgan", 4, 1), ("swift_srgan", 2, 3), ("srgan", 2, 1),
+                                                   ("swift_srgan", 1, 1), ("residual_cnn", 2, 1)])
+def test_tflite_graph_is_the_model_rearranged(family, scale, channels):
+    """The function the TFLite models come from equals the model (trained-looking weights,
+    odd non-square input); the SRResNet family's tail runs before the last shuffle, other
+    models and x1 keep their layout."""
+    import tensorflow as tf
+
+    options = {"residual_cnn": {"filters": 8, "num_layers": 3}}.get(family, {"filters": 8, "num_blocks": 1})
+    model = models.build(family, scale=scale, channels=channels, **options)
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        weight.assign(rng.normal(0.0, 0.2, weight.shape) + (1.0 if "variance" in weight.path else 0.0))
+    lr = rng.random((2, 13, 7, channels)).astype(np.float32)
+    reference = model(lr, training=False).numpy()
+    with export.tflite_graph(model) as (function, notes):
+        output = function(tf.constant(lr)).numpy()
+    np.testing.assert_allclose(output, reference, atol=1e-5)
+    rearranged = family != "residual_cnn" and scale > 1
+    assert any("pixel shuffle" in note for note in notes) == rearranged, notes
+    assert any("bands" in note for note in notes) == (family == "swift_srgan"), notes
+    np.testing.assert_array_equal(model(lr, training=False).numpy(), reference)  # model restored

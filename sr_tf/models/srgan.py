@@ -48,14 +48,23 @@ class SRResNet(SuperResolutionModel):
         self.to_output = UnitRange("tanh", dtype="float32", name="output")
 
     def call(self, inputs):
+        x = self.trunk(inputs)
+        if self.upsample:
+            x = self.upsample[-1](x)
+        return self.to_output(self.tail(x))
+
+    def trunk(self, inputs):
+        """Everything before the last upsampling block: head, residual body with its
+        skip, and all but the last x2 step (``sr_tf.export`` rearranges the last step
+        and the tail for TFLite)."""
         skip = self.head_act(self.head(inputs))
         x = skip
         for block in self.body:
             x = block(x)
         x = skip + self.body_bn(self.body_conv(x))
-        for block in self.upsample:
+        for block in self.upsample[:-1]:
             x = block(x)
-        return self.to_output(self.tail(x))
+        return x
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "num_blocks": self.num_blocks}
