@@ -134,8 +134,8 @@ def findings(rows, size, gflops_per_mp):
     """What the diagnostic rows and the FLOP count say, as markdown bullets."""
     speed = {r["label"]: r["sizes"][size]["mp_s"] for r in rows if size in r["sizes"]}
     comparisons = [
-        ("TFLite float32", BANDED_ONLY, "Running the last x2 step's PReLU and the 9x9 tail before the final pixel "
-         "shuffle, the tail as a 1x1 convolution to 100 channels and shifted sums (`export.tflite_graph`)"),
+        ("TFLite float32", BANDED_ONLY, "Running the last PReLU and the 9x9 tail before the final pixel shuffle, the tail "
+         "as a 1x5 and a 5x1 convolution (`export.tflite_graph`)"),
         (BANDED_ONLY, UNCHANGED, "Splitting the 9x9 depthwise convolutions into "
          "bands of kernel rows (XNNPACK runs depthwise kernels of up to 25 taps on its fast path, larger ones many "
          "times slower, slower even than TFLite's own kernels)"),

@@ -227,7 +227,7 @@ def test_cli_replaces_a_previous_export_and_reports_a_missing_model(exported, ru
 @pytest.mark.parametrize("size,channels,outputs", [(9, 3, 2), (3, 2, 1), (5, 1, 3)])
 def test_subpixel_kernel_moves_a_convolution_before_the_pixel_shuffle(size, channels, outputs):
     """conv(depth_to_space(x), K) == depth_to_space(conv(x, subpixel_kernel(K))), borders
-    included, and the pointwise-first evaluation gives the same sums."""
+    included, and the row-factored evaluation gives the same sums."""
     import tensorflow as tf
 
     rng = np.random.default_rng(size)
@@ -238,8 +238,8 @@ def test_subpixel_kernel_moves_a_convolution_before_the_pixel_shuffle(size, chan
     assert fused.shape == (2 * ((size // 2 + 1) // 2) + 1,) * 2 + (4 * channels, 4 * outputs)
     before = tf.nn.depth_to_space(tf.nn.conv2d(x, fused, 1, "SAME"), 2).numpy()
     np.testing.assert_allclose(before, after, atol=1e-4)
-    shifted = tf.nn.depth_to_space(export.shifted_sum_conv(x, fused), 2).numpy()
-    np.testing.assert_allclose(shifted, after, atol=1e-4)
+    factored = tf.nn.depth_to_space(export.row_factored_conv(x, fused), 2).numpy()
+    np.testing.assert_allclose(factored, after, atol=1e-4)
     with pytest.raises(ValueError, match="odd size"):
         export.subpixel_kernel(np.zeros((4, 4, 1, 1), np.float32))
 
