@@ -308,8 +308,8 @@ def main():
     st.title("Super-resolution review")
     predictor = choose_model()
     st.sidebar.header("Tiling")
-    tile = st.sidebar.number_input("Tile (LR pixels)", 32, 2048, 256, 32)
-    overlap = st.sidebar.number_input("Overlap (LR pixels)", 0, 256, 32, 8)
+    tile = st.sidebar.number_input("Tile (LR pixels)", 32, 2048, inference.DEFAULT_TILE, 32)
+    overlap = st.sidebar.number_input("Overlap (LR pixels)", 0, 256, inference.DEFAULT_OVERLAP, 8)
     chosen = choose_image()
     if predictor is None or chosen is None:
         return

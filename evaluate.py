@@ -16,6 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
+from sr_tf import inference  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder or .tflite; default: latest run in runs/.")
 flags.DEFINE_string("data", None, "data_prep output folder; default: the run's training data or tfrecords/samples.")
@@ -25,8 +27,8 @@ flags.DEFINE_enum("degradation", None, ["bicubic", "blur_downsample", "noisy", "
                                         "self_supervised"], "Degradation; default: the one the model trained with.")
 flags.DEFINE_enum("scale", None, ["2", "4", "8"], "Scale; default: the model's.")
 flags.DEFINE_integer("seed", 0, "Degradation seed (the same as training's validation by default).")
-flags.DEFINE_integer("tile", 256, "LR tile size for tiled inference of large images.")
-flags.DEFINE_integer("overlap", 16, "LR tile overlap.")
+flags.DEFINE_integer("tile", inference.DEFAULT_TILE, "LR tile size for tiled inference of large images.")
+flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR tile overlap.")
 flags.DEFINE_integer("max_images", 0, "Evaluate at most this many images (0: all).")
 flags.DEFINE_integer("figures", 4, "Comparison figures for the first N images.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")

@@ -18,14 +18,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from sr_tf import inference  # noqa: E402
+
 REPORT = "upscale_report.json"
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder or .tflite.")
 flags.DEFINE_multi_string("input", [], "Files, folders (recursive) or glob patterns; repeat or separate with commas.")
 flags.DEFINE_string("output", None, "Output folder (created if missing).")
-flags.DEFINE_integer("tile", 256, "LR tile size in pixels for tiled inference (bounds memory).")
-flags.DEFINE_integer("overlap", 32, "LR pixels shared by neighbouring tiles; the seam is at its middle, so at "
+flags.DEFINE_integer("tile", inference.DEFAULT_TILE, "LR tile size in pixels for tiled inference (bounds memory).")
+flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by neighbouring tiles; the seam is at its middle, so at "
                      "least twice the model's receptive-field radius.")
 flags.DEFINE_integer("batch_size", 4, "Tiles per model call.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -115,7 +117,6 @@ def main(argv):
     if not FLAGS.model or not FLAGS.output or not FLAGS.input:
         raise app.UsageError("--model, --input and --output are required")
     from data_prep.writer import write_json_atomic
-    from sr_tf import inference
 
     try:
         inference.check_tiling(FLAGS.tile, FLAGS.overlap, FLAGS.batch_size)

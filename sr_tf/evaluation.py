@@ -25,7 +25,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from sr_tf import metrics
+from sr_tf import inference, metrics
 
 BASELINES = (("nearest", "nearest"), ("bilinear", "bilinear"), ("bicubic", "bicubic"), ("lanczos", "lanczos3"))
 METRICS = ("psnr", "ssim", "nrmse", "consistency_psnr")
@@ -43,8 +43,8 @@ class EvalConfig:
     scale: int = 4
     degradation: str = "bicubic"
     seed: int = 0
-    tile: int = 256
-    overlap: int = 16
+    tile: int = inference.DEFAULT_TILE
+    overlap: int = inference.DEFAULT_OVERLAP
     max_images: int = 0  # 0: all
     figures: int = 4
 
@@ -103,7 +103,7 @@ def run(predictor, config, output_dir, progress=True):
     """
     from tqdm import tqdm
 
-    from sr_tf import inference, records
+    from sr_tf import records
     from sr_tf.data import degrade, pipeline
 
     same_size = degrade.model_scale(config.degradation, config.scale) == 1

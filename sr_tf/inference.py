@@ -1,7 +1,7 @@
 """Run a trained generator, whatever form it was saved in, on images of any size.
 
     predictor = load_predictor("runs/swift_srgan_x4")          # or .keras, SavedModel, .tflite
-    sr = tiled_predict(predictor, lr, tile=256, overlap=32)    # (H, W, 1) -> (4H, 4W, 1)
+    sr = tiled_predict(predictor, lr)                        # (H, W, 1) -> (4H, 4W, 1), tiled
 
 A :class:`Predictor` maps float32 LR batches (N, h, w, 1) in [0, 1] to (N, s*h, s*w, 1).
 It knows its scale (from the model, its model card, or one probe call) and, where the
@@ -22,6 +22,12 @@ import os
 import numpy as np
 
 MODEL_CARD = "model_card.json"
+# Default tiling (LR pixels) of every front end. The overlap puts each seam 20 pixels from
+# a tile border: for the sample-trained Swift-SRGAN x4 (receptive-field radius 39) tiled
+# output then differs from whole-image output by at most 3e-5 on a 1024x1024 input,
+# against 9e-4 with an overlap of 32 and 0.04 with 16.
+DEFAULT_TILE = 256
+DEFAULT_OVERLAP = 40
 
 
 class Predictor:
@@ -237,7 +243,8 @@ def check_tiling(tile, overlap, batch_size=1):
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
-def tiled_predict(predictor, image, tile=256, overlap=32, batch_size=4, align=2, progress=None):
+def tiled_predict(predictor, image, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, batch_size=4, align=2,
+                  progress=None):
     """Super-resolve one image (H, W) or (H, W, 1) with overlapping tiles.
 
     ``tile`` and ``overlap`` are in LR pixels. Tiles are run ``batch_size`` at a time.

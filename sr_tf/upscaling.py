@@ -215,7 +215,8 @@ def _indices(image, slices):
     return indices
 
 
-def upscale(predictor, image, tile=256, overlap=32, batch_size=4, slices=None, progress=None):
+def upscale(predictor, image, tile=inference.DEFAULT_TILE, overlap=inference.DEFAULT_OVERLAP, batch_size=4,
+            slices=None, progress=None):
     """Super-resolve the slices of ``image`` (all, or the indices in ``slices``) with tiled
     inference; returns (S', s*H, s*W) float32 in [0, 1]. ``progress(done, total)`` counts
     tiles over all the slices."""
@@ -600,7 +601,8 @@ def write(image, upscaled, predictor, output_path, slices=None):
     return target
 
 
-def upscale_file(predictor, path, output_dir, tile=256, overlap=32, batch_size=4, output=None, progress=None):
+def upscale_file(predictor, path, output_dir, tile=inference.DEFAULT_TILE, overlap=inference.DEFAULT_OVERLAP,
+                 batch_size=4, output=None, progress=None):
     """Load, upscale and write one file (to ``output``, default :func:`output_path`).
     Never raises for a bad input: returns a report dict with ``status`` "ok" or "failed",
     ``output`` and ``error`` (the reason, naming the file)."""
