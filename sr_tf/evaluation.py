@@ -66,20 +66,16 @@ def _degrade_back(image, config):
     return degrade.downsample(image, config.scale, degrade.consistency_kernel(config.degradation))
 
 
-def _finite(value):
-    """+inf stays +inf (an exact reconstruction); NaN (a broken output) stays NaN."""
-    return float(value)
-
-
 def measure(hr, output, lr, config, window=None):
     """Every metric of one output against its reference; ``window`` (lo, hi) for CT in HU."""
     hr4, out4 = hr[tf.newaxis], tf.convert_to_tensor(output)[tf.newaxis]
     border = config.scale
+    # PSNR keeps +inf (an exact reconstruction) and NaN (a broken output) as they are.
     values = {
-        "psnr": _finite(metrics.psnr(hr4, out4, border=border)[0]),
+        "psnr": float(metrics.psnr(hr4, out4, border=border)[0]),
         "ssim": float(metrics.ssim(hr4, out4, border=border)[0]),
         "nrmse": float(metrics.nrmse(hr4, out4, border=border)[0]),
-        "consistency_psnr": _finite(metrics.psnr(lr[tf.newaxis], _degrade_back(out4, config))[0]),
+        "consistency_psnr": float(metrics.psnr(lr[tf.newaxis], _degrade_back(out4, config))[0]),
     }
     if window is not None:
         lo, hi = window

@@ -272,27 +272,27 @@ def tflite_graph(model):
     (a list of notes; empty: the model as it is). The same function as the model up to
     float rounding, arranged for XNNPACK: ``_subpixel_tail`` for the SRResNet family,
     and large depthwise kernels split into row bands (``banded_depthwise``)."""
-    with banded_depthwise(model) as changed:
-        notes = []
-        function = _subpixel_tail(model)
-        if function is not None:
-            notes.append("last PReLU and 9x9 tail run before the final pixel shuffle, "
-                         "the tail as a 1x5 and a 5x1 convolution (same function)")
-        else:
-            function = lambda lr: model(lr, training=False)  # noqa: E731
-        if notes and model.tail in _large_depthwise(model):
-            changed -= 1  # the tail is computed another way
-        if changed:
-            notes.append(f"{changed} depthwise convolution(s) of more than {XNNPACK_FAST_TAPS} taps "
-                         "split into bands of kernel rows (XNNPACK fast path; same function)")
+    notes, function = [], _subpixel_tail(model)
+    layers = _large_depthwise(model)
+    if function is not None:
+        notes.append("last PReLU and 9x9 tail run before the final pixel shuffle, "
+                     "the tail as a 1x5 and a 5x1 convolution (same function)")
+        layers = [layer for layer in layers if layer is not model.tail]  # the tail is computed another way
+    else:
+        function = lambda lr: model(lr, training=False)  # noqa: E731
+    if layers:
+        notes.append(f"{len(layers)} depthwise convolution(s) of more than {XNNPACK_FAST_TAPS} taps "
+                     "split into bands of kernel rows (XNNPACK fast path; same function)")
+    with banded_depthwise(model, layers):
         yield function, notes
 
 
 @contextlib.contextmanager
-def banded_depthwise(model):
-    """Within the block, ``model``'s large separable convolutions run split into row bands
-    (see the module doc); yields the number of layers changed. The model is restored after."""
-    layers = _large_depthwise(model)
+def banded_depthwise(model, layers=None):
+    """Within the block, ``layers`` (default: all of ``model``'s large separable
+    convolutions, ``_large_depthwise``) run split into row bands (see the module doc);
+    yields the number of layers changed. The model is restored after."""
+    layers = _large_depthwise(model) if layers is None else layers
     for layer in layers:
         layer.call = _banded_call(layer)
     try:
