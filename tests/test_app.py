@@ -301,7 +301,10 @@ def test_the_page_upscales_downloads_and_survives_a_bad_upload(app_server, brows
     alert = _wait(browser, lambda d: _idle(d) and [t for t in _texts(d, '[data-testid="stAlert"]')
                                                    if "corrupt.dcm" in t], "the error about corrupt.dcm")
     assert alert[0].startswith("Cannot read corrupt.dcm: "), alert
-    assert not browser.find_elements("css selector", '[data-testid="stImage"]')  # no stale result
+    # No stale result: Streamlit drops the previous run's images once the rerun is over,
+    # which can come a moment after the alert; a result left on the page times out here.
+    _wait(browser, lambda d: not d.find_elements("css selector", '[data-testid="stImage"]'),
+          "the previous result to be cleared", timeout=15)
 
     # A good file (an 8-bit PNG radiograph) works again.
     xray = tmp_path / "chest.png"
