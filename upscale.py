@@ -29,7 +29,7 @@ flags.DEFINE_string("output", None, "Output folder (created if missing).")
 flags.DEFINE_integer("tile", inference.DEFAULT_TILE, "LR tile size in pixels for tiled inference (bounds memory).")
 flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by neighbouring tiles; the seam is at its middle, so at "
                      "least twice the model's receptive-field radius.")
-flags.DEFINE_integer("batch_size", 4, "Tiles per model call.")
+flags.DEFINE_integer("batch_size", inference.DEFAULT_BATCH, "Tiles per model call.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 

@@ -203,7 +203,7 @@ def main():
     parser.add_argument("--tiled_from", type=int, default=1024, help="inputs this large run tiled")
     parser.add_argument("--tile", type=int, default=inference.DEFAULT_TILE, help="LR tile (default: upscale.py's)")
     parser.add_argument("--overlap", type=int, default=inference.DEFAULT_OVERLAP, help="default: upscale.py's")
-    parser.add_argument("--batch", type=int, default=4, help="tiles per predictor call")
+    parser.add_argument("--batch", type=int, default=inference.DEFAULT_BATCH, help="tiles per predictor call (default: upscale.py's)")
     parser.add_argument("--data", default="tfrecords/samples", help="records for int8 calibration and the input")
     parser.add_argument("--no_diagnostics", action="store_true", help="leave out the diagnostic rows")
     parser.add_argument("--no_write", action="store_true", help="print only, leave docs/BENCHMARKS.md alone")

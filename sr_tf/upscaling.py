@@ -215,8 +215,8 @@ def _indices(image, slices):
     return indices
 
 
-def upscale(predictor, image, tile=inference.DEFAULT_TILE, overlap=inference.DEFAULT_OVERLAP, batch_size=4,
-            slices=None, progress=None):
+def upscale(predictor, image, tile=inference.DEFAULT_TILE, overlap=inference.DEFAULT_OVERLAP,
+            batch_size=inference.DEFAULT_BATCH, slices=None, progress=None):
     """Super-resolve the slices of ``image`` (all, or the indices in ``slices``) with tiled
     inference; returns (S', s*H, s*W) float32 in [0, 1]. ``progress(done, total)`` counts
     tiles over all the slices."""
@@ -602,7 +602,7 @@ def write(image, upscaled, predictor, output_path, slices=None):
 
 
 def upscale_file(predictor, path, output_dir, tile=inference.DEFAULT_TILE, overlap=inference.DEFAULT_OVERLAP,
-                 batch_size=4, output=None, progress=None):
+                 batch_size=inference.DEFAULT_BATCH, output=None, progress=None):
     """Load, upscale and write one file (to ``output``, default :func:`output_path`).
     Never raises for a bad input: returns a report dict with ``status`` "ok" or "failed",
     ``output`` and ``error`` (the reason, naming the file)."""
