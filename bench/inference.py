@@ -76,14 +76,15 @@ def lr_image(size, data):
 
 
 def timed(run, repeats, budget, warm_up=None):
-    """(median seconds, output, runs) of ``run()`` after one ``warm_up()`` (default: a run)."""
+    """(median seconds, output, every run's seconds) of ``run()`` after one ``warm_up()``
+    (default: a run)."""
     output = (warm_up or run)()
     times, start = [], time.perf_counter()
     while len(times) < repeats and (not times or time.perf_counter() - start < budget):
         begin = time.perf_counter()
         output = run()
         times.append(time.perf_counter() - begin)
-    return statistics.median(times), output, len(times)
+    return statistics.median(times), output, times
 
 
 def forms(keras_file, folder, threads, variants):
@@ -119,13 +120,21 @@ def diagnostics(model, folder, work, threads):
     return rows
 
 
+def tiling(size, args):
+    """(tile count, tile size) of ``tiled_predict`` on a size x size image."""
+    tile = inference.balanced_tile(size, args.tile, args.overlap, align=2)
+    return len(inference.tile_origins(size, tile, args.overlap, align=2)) ** 2, tile
+
+
 def measure(predictor, image, size, args):
-    """(median seconds, output, runs) for one LR image: whole, or tiled from ``--tiled_from``."""
+    """(median seconds, output, every run's seconds) for one LR image: whole, or tiled
+    from ``--tiled_from``."""
     if size < args.tiled_from:
         batch = image[None]
         return timed(lambda: predictor.predict(batch)[0], args.repeats, args.budget)
     # Warm-up: one batch of tiles, the shape every call of the tiled run has.
-    tiles = np.zeros((args.batch, args.tile, args.tile, 1), np.float32)
+    tile = tiling(size, args)[1]
+    tiles = np.zeros((args.batch, tile, tile, 1), np.float32)
     return timed(lambda: inference.tiled_predict(predictor, image, args.tile, args.overlap, args.batch),
                  args.repeats, args.budget, warm_up=lambda: predictor.predict(tiles))
 
@@ -163,8 +172,9 @@ def markdown(rows, args, load, params, gflops_per_mp):
         "output MP), "
         "random weights; int8 calibrated on the sample set. "
         + " ".join(f"{s}x{s} LR -> {s * SCALE}x{s * SCALE} ({(s * SCALE) ** 2 / 1e6:.1f} MP)"
-                   + (" whole;" if s < args.tiled_from else f" tiled (tile {args.tile}, overlap {args.overlap}, "
-                      f"batch {args.batch});") for s in sizes)
+                   + (" whole;" if s < args.tiled_from else f" tiled as upscale.py tiles it (largest tile {args.tile}, "
+                      f"overlap {args.overlap}, batch {args.batch}: {tiling(s, args)[0]} tiles of "
+                      f"{tiling(s, args)[1]});") for s in sizes)
         + f" median of up to {args.repeats} runs after a warm-up (a run; one tile batch when tiled). "
         f"Load average (1 min) of the shared machine: {load[0]:.1f} before, {load[1]:.1f} after.",
         "",
@@ -188,9 +198,10 @@ def markdown(rows, args, load, params, gflops_per_mp):
         if timed_ok:
             best = max(timed_ok, key=lambda r: r["sizes"][s]["mp_s"])
             verdict = "meets" if best["sizes"][s]["mp_s"] >= TARGET_MP_S else "misses"
+            runs = [(s * SCALE) ** 2 / 1e6 / t for t in best["sizes"][s]["runs"]]
             lines.append(f"- From {s}x{s}: fastest form within its parity target is {best['label']}, "
-                         f"{best['sizes'][s]['mp_s']:.2f} output MP/s; it {verdict} the {TARGET_MP_S:.0f} MP/s "
-                         f"target ({PYTORCH_REFERENCE}).")
+                         f"{best['sizes'][s]['mp_s']:.2f} output MP/s (runs {min(runs):.2f}-{max(runs):.2f}); "
+                         f"it {verdict} the {TARGET_MP_S:.0f} MP/s target ({PYTORCH_REFERENCE}).")
     return "\n".join(lines + findings(rows, min(sizes), gflops_per_mp))
 
 
@@ -244,7 +255,8 @@ def main():
                     references[size] = output
                 elif size == min(args.sizes):
                     row["psnr"] = export.psnr(references[size], output)
-                print(f"{label:40s} {size:5d}: {seconds:7.2f} s  {mp / seconds:6.3f} MP/s  ({runs} runs)", flush=True)
+                print(f"{label:40s} {size:5d}: {seconds:7.2f} s  {mp / seconds:6.3f} MP/s  "
+                      f"(runs: {', '.join(f'{t:.2f}' for t in runs)} s)", flush=True)
             if row["target"] is not None:
                 row["meets"] = row["psnr"] is None or row["psnr"] >= row["target"]
             rows.append(row)
