@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -398,6 +399,19 @@ def test_balanced_tiles_cover_the_image_in_as_many_tiles_with_the_overlap_kept(s
     assert kept[0][0] == 0 and kept[-1][1] == size and all(a[1] == b[0] for a, b in zip(kept, kept[1:]))
     inner = [(lo - start, start + balanced - hi) for start, (lo, hi) in zip(even, kept)]
     assert all(top >= overlap // 2 for top, _ in inner[1:]) and all(bottom >= overlap // 2 for _, bottom in inner[:-1])
+
+
+@pytest.mark.parametrize("tile, overlap, batch_size, message", [
+    (4, 0, 1, "tile must be at least 8"), (64, 32, 1, "overlap in \\[0, 32\\)"), (64, -1, 1, "overlap"),
+    (64, 8, 0, "batch_size must be at least 1"),
+])
+def test_bad_tiling_is_refused_before_any_work(tile, overlap, batch_size, message, nearest, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        inference.tiled_predict(nearest, np.zeros((100, 100), np.float32), tile, overlap, batch_size)
+    result = _cli("--model=unused", "--input=unused.png", f"--output={tmp_path / 'out'}", f"--tile={tile}",
+                  f"--overlap={overlap}", f"--batch_size={batch_size}")
+    assert result.returncode != 0 and re.search(message, result.stderr + result.stdout)
+    assert not (tmp_path / "out").exists()
 
 
 def test_tiled_predict_runs_fewer_pixels_with_balanced_tiles():
