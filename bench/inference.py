@@ -120,10 +120,10 @@ def diagnostics(model, folder, work, threads):
     return rows
 
 
-def tiling(size, args):
-    """(tile count, tile size) of ``tiled_predict`` on a size x size image."""
-    tile = inference.balanced_tile(size, args.tile, args.overlap, align=2)
-    return len(inference.tile_origins(size, tile, args.overlap, align=2)) ** 2, tile
+def tiled_as(size, args):
+    """How ``tiled_predict`` cuts a size x size image, e.g. "9 tiles of 368"."""
+    tile, origins = inference.tile_layout(size, args.tile, args.overlap)
+    return f"{len(origins) ** 2} tiles of {tile}"
 
 
 def measure(predictor, image, size, args):
@@ -133,7 +133,7 @@ def measure(predictor, image, size, args):
         batch = image[None]
         return timed(lambda: predictor.predict(batch)[0], args.repeats, args.budget)
     # Warm-up: one batch of tiles, the shape every call of the tiled run has.
-    tile = tiling(size, args)[1]
+    tile = inference.tile_layout(size, args.tile, args.overlap)[0]
     tiles = np.zeros((args.batch, tile, tile, 1), np.float32)
     return timed(lambda: inference.tiled_predict(predictor, image, args.tile, args.overlap, args.batch),
                  args.repeats, args.budget, warm_up=lambda: predictor.predict(tiles))
@@ -173,8 +173,7 @@ def markdown(rows, args, load, params, gflops_per_mp):
         "random weights; int8 calibrated on the sample set. "
         + " ".join(f"{s}x{s} LR -> {s * SCALE}x{s * SCALE} ({(s * SCALE) ** 2 / 1e6:.1f} MP)"
                    + (" whole;" if s < args.tiled_from else f" tiled as upscale.py tiles it (largest tile {args.tile}, "
-                      f"overlap {args.overlap}, batch {args.batch}: {tiling(s, args)[0]} tiles of "
-                      f"{tiling(s, args)[1]});") for s in sizes)
+                      f"overlap {args.overlap}, batch {args.batch}: {tiled_as(s, args)});") for s in sizes)
         + f" median of up to {args.repeats} runs after a warm-up (a run; one tile batch when tiled). "
         f"Load average (1 min) of the shared machine: {load[0]:.1f} before, {load[1]:.1f} after.",
         "",

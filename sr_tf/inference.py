@@ -32,6 +32,8 @@ MODEL_CARD = "model_card.json"
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 40
 DEFAULT_BATCH = 1
+# Tile origins are multiples of this (the VQ autoencoder's encoder stride).
+TILE_ALIGN = 2
 
 
 class Predictor:
@@ -245,6 +247,12 @@ def balanced_tile(size, tile, overlap, align=1):
     return tile
 
 
+def tile_layout(size, tile, overlap, align=TILE_ALIGN):
+    """(tile size, tile origins) of one axis of ``size`` pixels as ``tiled_predict`` cuts it."""
+    tile = balanced_tile(size, tile, overlap, align)
+    return tile, tile_origins(size, tile, overlap, align)
+
+
 def _keep_range(origins, index, tile, size):
     """The part [lo, hi) of tile ``index`` (input pixels) that it contributes: the seams
     sit half-way through each overlap, so every pixel comes from the tile whose border
@@ -263,8 +271,8 @@ def check_tiling(tile, overlap, batch_size=1):
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
-def tiled_predict(predictor, image, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, batch_size=DEFAULT_BATCH, align=2,
-                  progress=None):
+def tiled_predict(predictor, image, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, batch_size=DEFAULT_BATCH,
+                  align=TILE_ALIGN, progress=None):
     """Super-resolve one image (H, W) or (H, W, 1) with overlapping tiles.
 
     ``tile`` (the largest tile) and ``overlap`` are in LR pixels; each axis is cut into
@@ -282,8 +290,7 @@ def tiled_predict(predictor, image, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, 
     check_tiling(tile, overlap, batch_size)
     height, width = image.shape[:2]
     scale = predictor.scale
-    th, tw = balanced_tile(height, tile, overlap, align), balanced_tile(width, tile, overlap, align)
-    rows, cols = tile_origins(height, th, overlap, align), tile_origins(width, tw, overlap, align)
+    (th, rows), (tw, cols) = tile_layout(height, tile, overlap, align), tile_layout(width, tile, overlap, align)
     output = np.empty((height * scale, width * scale, 1), np.float32)
     jobs = [(r, c) for r in range(len(rows)) for c in range(len(cols))]
     for first in range(0, len(jobs), batch_size):
