@@ -1,6 +1,7 @@
 # Two entry points on a fresh machine:
 #   make train   install, build the embedded sample set, train Swift-SRGAN on it
 #   make test    install (with test tools) and run the test suite
+#   make zoo     train, export and evaluate every shipped model into saved_models/
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt
 	touch $(STAMP)
 
-.PHONY: install test train samples
+.PHONY: install test train samples zoo
 install: $(STAMP)
 
 test: $(STAMP)
@@ -23,3 +24,6 @@ samples: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/python train.py --model=swift_srgan
+
+zoo: $(STAMP)
+	$(BIN)/python zoo.py --build=all

@@ -1,7 +1,9 @@
 """Demo app for reviewing a super-resolution model on one image: ``streamlit run app.py``.
 
 Upload a DICOM, NIfTI or PNG/JPEG/TIFF X-ray (or pick an embedded sample), pick a model
-from saved_models/ or runs/ (or type a path; ``SR_APP_MODEL`` gives one to start with), and
+(it starts on the zoo model that gains most over bicubic for the input's modality; any
+run or export in saved_models/ or runs/, or a typed path; ``SR_APP_MODEL`` gives one to
+start with), and
 compare the input, bicubic and the model side by side on one synchronised zoom region,
 with a CT window, the |bicubic - model| map, data-consistency PSNR/SSIM (each output
 downsampled again against the input), the inference time and a download of the result
@@ -20,7 +22,7 @@ import numpy as np
 import streamlit as st
 
 from data_prep import samples
-from sr_tf import display, inference, upscaling
+from sr_tf import display, inference, upscaling, zoo
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL_ROOTS = ("saved_models", "runs")
@@ -40,9 +42,10 @@ MIME_TYPES = {"dicom": "application/dicom", "nifti": "application/octet-stream",
 KEEP_RESULTS = 3  # upscaled selections kept per browser session (a large radiograph x4 is ~0.5 GB)
 
 NO_MODEL = """\
-**No model found** in `saved_models/` or `runs/`. Train one, or export a trained one:
+**No model found** in `saved_models/` or `runs/`. Build the zoo, train one, or export a trained one:
 
 ```sh
+python zoo.py --build=residual_cnn_x2          # -> saved_models/residual_cnn_x2/
 python train.py --model=swift_srgan            # -> runs/swift_srgan_x4/
 python export.py --model=runs/swift_srgan_x4   # -> saved_models/swift_srgan_x4/
 ```
@@ -106,14 +109,26 @@ def sample_files():
 # ----------------------------------------------------------------------------- page parts
 
 
-def choose_model():
-    """The loaded predictor chosen in the sidebar, or None (the page says why)."""
+def choose_model(modality=None):
+    """The loaded predictor chosen in the sidebar, or None (the page says why). It starts
+    on the zoo model best for ``modality`` (``zoo.best_for``), unless ``SR_APP_MODEL``
+    names one."""
     st.sidebar.header("Model")
-    found = display.find_models(*(os.path.join(ROOT, root) for root in MODEL_ROOTS))
+    shipped = list(zoo.built())
+    folders = {os.path.abspath(zoo.folder(name)) for name in shipped}
+    found = [path for path in display.find_models(*(os.path.join(ROOT, root) for root in MODEL_ROOTS))
+             if os.path.abspath(path) not in folders and os.path.dirname(os.path.abspath(path)) not in folders]
     typed = os.environ.get(MODEL_ENV, "")
-    options = [*found, OTHER_MODEL]
-    path = st.sidebar.selectbox("Trained or exported model", options, index=len(found) if typed else 0,
-                                format_func=lambda path: path if path == OTHER_MODEL else os.path.relpath(path, ROOT))
+    options = [*shipped, *found, OTHER_MODEL]
+    best = zoo.best_for(modality)
+    start = options.index(OTHER_MODEL) if typed else options.index(best) if best in options else 0
+
+    def label(path):
+        if path in shipped:
+            return f"{path} (zoo: {zoo.RECIPES[path].description})"
+        return path if path == OTHER_MODEL else os.path.relpath(path, ROOT)
+
+    path = st.sidebar.selectbox("Trained or exported model", options, index=start, format_func=label)
     if path == OTHER_MODEL:
         path = st.sidebar.text_input(
             "Model path", typed,
@@ -306,11 +321,11 @@ def offer_download(result, image, predictor, name):
 def main():
     st.set_page_config(page_title="sr_tf: super-resolution review", layout="wide")
     st.title("Super-resolution review")
-    predictor = choose_model()
+    chosen = choose_image()
+    predictor = choose_model(chosen[0].modality if chosen else None)
     st.sidebar.header("Tiling")
     tile = st.sidebar.number_input("Tile (LR pixels)", 32, 2048, inference.DEFAULT_TILE, 32)
     overlap = st.sidebar.number_input("Overlap (LR pixels)", 0, 256, inference.DEFAULT_OVERLAP, 8)
-    chosen = choose_image()
     if predictor is None or chosen is None:
         return
     image, key, name = chosen

@@ -19,7 +19,7 @@ from absl import app, flags, logging  # noqa: E402
 from sr_tf import inference  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder or .tflite; default: latest run in runs/.")
+flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder, .tflite or zoo name; default: latest run in runs/.")
 flags.DEFINE_string("data", None, "data_prep output folder; default: the run's training data or tfrecords/samples.")
 flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
 flags.DEFINE_string("output", None, "Results folder; default: <run>/eval or results/<model name>.")

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Run folder or .keras file to export.", required=True)
+flags.DEFINE_string("model", None, "Run folder, .keras file or zoo name (python zoo.py lists them) to export.", required=True)
 flags.DEFINE_string("output", None, "Export folder; default saved_models/<model name>. An existing folder is "
                     "replaced only if it is a previous export.")
 flags.DEFINE_string("data", None, "data_prep folder for int8 calibration and parity images; default: the run's "
@@ -45,17 +45,25 @@ def _summary(report):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not os.path.exists(FLAGS.model):  # before the seconds of importing TensorFlow
+    from sr_tf import zoo
+
+    try:  # before the seconds of importing TensorFlow
+        model = zoo.resolve(FLAGS.model)
+    except zoo.ZooError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not os.path.exists(model):
         print(f"error: {FLAGS.model}: no such model file or folder", file=sys.stderr)
         return 1
     from sr_tf import export
 
-    name = os.path.basename(os.path.normpath(FLAGS.model))
+    name = os.path.basename(os.path.normpath(model))
     if name == "generator.keras":
-        name = os.path.basename(os.path.dirname(os.path.abspath(FLAGS.model)))
-    output = FLAGS.output or os.path.join("saved_models", os.path.splitext(name)[0])
+        name = os.path.basename(os.path.dirname(os.path.abspath(model)))
+    default_root = "saved_models" if not zoo.is_name(FLAGS.model) else os.path.join("saved_models", "exports")
+    output = FLAGS.output or os.path.join(default_root, os.path.splitext(name)[0])
     try:
-        report = export.export(FLAGS.model, output, data=FLAGS.data, variants=FLAGS.variants or export.VARIANTS,
+        report = export.export(model, output, data=FLAGS.data, variants=FLAGS.variants or export.VARIANTS,
                                calibration_samples=FLAGS.calibration_samples, degradation=FLAGS.degradation,
                                seed=FLAGS.seed, progress=lambda line: print(line, flush=True))
     except (ValueError, OSError) as exc:  # ExportError, model load errors, unreadable records

@@ -23,7 +23,7 @@ from sr_tf import inference  # noqa: E402
 REPORT = "upscale_report.json"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder or .tflite.")
+flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder, .tflite or zoo name (python zoo.py lists them).")
 flags.DEFINE_multi_string("input", [], "Files, folders (recursive) or glob patterns; repeat or separate with commas.")
 flags.DEFINE_string("output", None, "Output folder (created if missing).")
 flags.DEFINE_integer("tile", inference.DEFAULT_TILE, "LR tile size in pixels for tiled inference (bounds memory).")

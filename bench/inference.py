@@ -105,6 +105,11 @@ def diagnostics(model, folder, work, threads):
     with open(unsplit, "wb") as f:
         f.write(export.convert(os.path.join(folder, export.SAVED_MODEL_DIR), "float32"))
     banded_source, banded = os.path.join(work, "banded_only"), os.path.join(work, "banded_float32.tflite")
+    if getattr(model, "tail_before_shuffle", False):  # the same weights, the tail after the shuffle
+        former = type(model).from_config({**model.get_config(), "tail_before_shuffle": False})
+        former(np.zeros((1, 8, 8, model.channels), np.float32))
+        former.set_weights(model.get_weights())
+        model = former
     with export.banded_depthwise(model):
         export.save_saved_model(model, banded_source)
     with open(banded, "wb") as f:

@@ -19,18 +19,42 @@ SAMPLE_SPLITS = {
 }
 
 
-def sample_paths():
-    """Absolute paths of the sample files; a clear error when a package is missing."""
+# The development held-out set: real images of modalities and scanners the sample set
+# lacks, for quality figures of trained models (never for training). From pydicom-data,
+# but MR_small.dcm, which ships with pydicom itself.
+DEVELOPMENT_DICOMS = ("MR-SIEMENS-DICOM-WithOverlays.dcm", "explicit_VR-UN.dcm", "MR_small.dcm", "emri_small.dcm")
+# Every patient of the development set is a test patient.
+DEVELOPMENT_SPLITS = {
+    "021234567": "test",  # MR-SIEMENS-DICOM-WithOverlays.dcm, MR 484x484, 12 bit
+    "PANCREAS_0001": "test",  # explicit_VR-UN.dcm, abdominal CT 512x512
+    "4MR1": "test",  # MR_small.dcm, MR 64x64
+    # emri_small.dcm, MR 64x64, 10 frames; no PatientID: the SeriesInstanceUID stands in
+    "1.2.826.0.1.3680043.2.1143.3712364435022872412969836992152438492": "test",
+}
+
+
+def _testdata_paths(names):
     try:
         from pydicom.data import get_testdata_file
     except ImportError as exc:  # pragma: no cover - pydicom is a hard dependency
         raise RuntimeError("the sample set needs pydicom and pydicom-data installed") from exc
     paths = []
-    for name in SAMPLE_DICOMS:
+    for name in names:
         path = get_testdata_file(name)
         if path is None:
             raise RuntimeError(f"{name} not found: install pydicom-data (pip install pydicom-data)")
         paths.append(str(path))
+    return paths
+
+
+def development_paths():
+    """Absolute paths of the development held-out files."""
+    return _testdata_paths(DEVELOPMENT_DICOMS)
+
+
+def sample_paths():
+    """Absolute paths of the sample files; a clear error when a package is missing."""
+    paths = _testdata_paths(SAMPLE_DICOMS)
     try:
         from nilearn.datasets import MNI152_FILE_PATH
     except ImportError as exc:

@@ -30,6 +30,9 @@ from sr_tf import inference, metrics
 BASELINES = (("nearest", "nearest"), ("bilinear", "bilinear"), ("bicubic", "bicubic"), ("lanczos", "lanczos3"))
 METRICS = ("psnr", "ssim", "nrmse", "consistency_psnr")
 CT_METRICS = ("rmse_hu", "mae_hu", "psnr_hu")
+# A model whose data consistency is more than this under bicubic's is flagged: its output,
+# degraded again, does not reproduce its own input (the mark of invented structure).
+CONSISTENCY_MARGIN_DB = 1.0
 
 
 class EvaluationError(ValueError):
@@ -186,6 +189,20 @@ def summarize(rows):
     return summary
 
 
+def consistency_warning(methods):
+    """The warning for one modality's methods when the model's consistency is more than
+    ``CONSISTENCY_MARGIN_DB`` under bicubic's, else None."""
+    model, bicubic = methods.get("model", {}), methods.get("bicubic", {})
+    if "consistency_psnr" not in model or "consistency_psnr" not in bicubic:
+        return None
+    gap = bicubic["consistency_psnr"] - model["consistency_psnr"]
+    if not gap > CONSISTENCY_MARGIN_DB:
+        return None
+    return (f"data consistency {model['consistency_psnr']:.2f} dB is {gap:.2f} dB under bicubic's "
+            f"({bicubic['consistency_psnr']:.2f} dB): degraded again, the output does not reproduce its input; "
+            "it may show structure the input does not support")
+
+
 def summary_markdown(summary, model_name, config):
     lines = [
         f"# Evaluation of {model_name}",
@@ -204,6 +221,9 @@ def summary_markdown(summary, model_name, config):
             gain = m["psnr"] - bicubic if bicubic is not None and math.isfinite(m["psnr"]) else float("nan")
             lines.append(f"| {method} | {m['n']} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['nrmse']:.4f} | "
                          f"{m['consistency_psnr']:.2f} | {gain:+.2f} |")
+        warning = consistency_warning(methods)
+        if warning:
+            lines += ["", f"**Flagged**: {warning}."]
         if any("rmse_hu" in m for m in methods.values()):
             lines += ["", "| method | RMSE HU | MAE HU | PSNR HU (stored window) |", "|---|---|---|---|"]
             for method, m in methods.items():
@@ -220,6 +240,9 @@ def console_summary(summary):
         for method, m in methods.items():
             out.append(f"{modality:>4} {method:>8}: PSNR {m['psnr']:6.2f} dB  SSIM {m['ssim']:.4f}  "
                        f"consistency {m['consistency_psnr']:6.2f} dB  ({m['psnr'] - bicubic:+.2f} dB vs bicubic, n={m['n']})")
+        warning = consistency_warning(methods)
+        if warning:
+            out.append(f"{modality:>4} FLAGGED: {warning}")
     return "\n".join(out)
 
 

@@ -26,8 +26,9 @@ The TFLite models are converted from the model's function rearranged for XNNPACK
 (``tflite_graph``):
 
 * SRGAN and Swift-SRGAN run their last PReLU and their 9x9 tail before the final pixel
-  shuffle (``subpixel_kernel``), the tail as a 1x5 and a 5x1 convolution
-  (``row_factored_conv``), so that no 64-channel tensor at the output resolution is made;
+  shuffle, the tail as a 1x5 and a 5x1 convolution (``SRResNet.rearranged_tail``, the
+  models' own form by default; applied here to models saved with the tail after it), so
+  that no 64-channel tensor at the output resolution is made;
 * depthwise convolutions of more than ``XNNPACK_FAST_TAPS`` taps (Swift-SRGAN's 9x9 head)
   are split into bands of kernel rows whose outputs are summed: XNNPACK runs depthwise
   kernels of up to 25 taps on a fast path and larger ones on a path about 30 times
@@ -176,94 +177,16 @@ def _banded_call(layer):
     return call
 
 
-def _dense_kernel(conv):
-    """The (k, k, C, O) kernel of a plain or separable (depth multiplier 1) convolution."""
-    if hasattr(conv, "depthwise_kernel"):
-        depthwise = np.asarray(conv.depthwise_kernel)[:, :, :, 0]
-        return depthwise[..., None] * np.asarray(conv.pointwise_kernel)[0, 0][None, None]
-    return np.asarray(conv.kernel)
-
-
-def subpixel_kernel(kernel, block=2):
-    """The kernel of the "same" convolution on the grid *before* ``depth_to_space(block)``
-    that equals ``kernel`` (k, k, C, O; odd k; "same", stride 1) applied *after* it.
-
-    Input and output channels follow ``depth_to_space``'s layout (sub-pixel (a, b) of
-    channel c is channel ``(a * block + b) * C + c``), so
-    ``depth_to_space(conv(x, subpixel_kernel(K)))`` equals ``conv(depth_to_space(x), K)``,
-    zero padding included. Shape (k', k', block^2 C, block^2 O) with
-    k' = 2 * ((k // 2 + block - 1) // block) + 1: 5 for a 9x9 kernel and block 2.
-    """
-    size, _, channels, outputs = kernel.shape
-    if size % 2 == 0 or kernel.shape[1] != size:
-        raise ValueError(f"expected a square kernel of odd size, got {kernel.shape[:2]}")
-    radius = size // 2
-    reach = (radius + block - 1) // block
-    fused = np.zeros((2 * reach + 1, 2 * reach + 1, block * block * channels, block * block * outputs), kernel.dtype)
-    phases = [(a, b) for a in range(block) for b in range(block)]
-    for ty in range(-reach, reach + 1):
-        for tx in range(-reach, reach + 1):
-            for out_index, (a, b) in enumerate(phases):
-                for in_index, (a2, b2) in enumerate(phases):
-                    dy, dx = block * ty + a2 - a, block * tx + b2 - b
-                    if abs(dy) <= radius and abs(dx) <= radius:
-                        fused[ty + reach, tx + reach, in_index * channels:(in_index + 1) * channels,
-                              out_index * outputs:(out_index + 1) * outputs] = kernel[dy + radius, dx + radius]
-    return fused
-
-
-def row_factored_conv(inputs, kernel):
-    """A "same", stride-1 convolution with ``kernel`` (k, k, C, O) as two convolutions:
-    a 1 x k one from C to k*O channels (each kernel row's contribution for every output,
-    one GEMM with a k-times wider output, which XNNPACK runs far nearer its peak than
-    one with O = 4 outputs), then a k x 1 one that shifts each row's part into place and
-    sums them. The same sums in another order, in a quarter less time than the direct
-    5x5 convolution of Swift-SRGAN's rearranged tail on this CPU (``bench/inference.py``).
-    """
-    size, _, channels, outputs = kernel.shape
-    rows = np.transpose(kernel, (1, 2, 0, 3)).reshape(1, size, channels, size * outputs)
-    gather = np.zeros((size, 1, size * outputs, outputs), kernel.dtype)
-    for row in range(size):
-        gather[row, 0, row * outputs:(row + 1) * outputs] = np.eye(outputs, dtype=kernel.dtype)
-    return tf.nn.conv2d(tf.nn.conv2d(inputs, rows, 1, "SAME"), gather, 1, "SAME")
-
-
 def _subpixel_tail(model):
-    """For an SRResNet-family model (SRGAN, Swift-SRGAN) that upsamples: a function
-    equal to the model that runs its last x2 step and its tail on the grid before the
-    last pixel shuffle, or None when the model has no such layout.
-
-    The model ends ``tail(PReLU(depth_to_space(conv(x))))``, with a 9x9 tail at the
-    output resolution: on 64 channels there, it is the costliest layer on a CPU (a
-    depthwise 9x9 reads every output pixel's 64 features 81 times). The PReLU commutes
-    with the shuffle (its slopes repeated per sub-pixel), and the tail becomes a 5x5
-    convolution before the shuffle (``subpixel_kernel``) computed by
-    ``row_factored_conv``; only the final 1-channel image is shuffled.
-    """
-    import keras
-
+    """For an SRResNet-family model (SRGAN, Swift-SRGAN) that upsamples and was built with
+    its tail after the last pixel shuffle (``tail_before_shuffle=False``, as models saved
+    before that form was the default): the same function with the tail before it
+    (``SRResNet.rearranged_tail``). None for any other model."""
     from sr_tf.models.srgan import SRResNet
 
-    if not isinstance(model, SRResNet) or not model.upsample:
+    if not isinstance(model, SRResNet) or not model.upsample or model.tail_before_shuffle:
         return None
-    last, tail = model.upsample[-1], model.tail
-    prelu = last.act
-    if (not isinstance(prelu, keras.layers.PReLU) or tuple(prelu.shared_axes or ()) != (1, 2)
-            or tuple(tail.strides) != (1, 1) or tuple(tail.dilation_rate) != (1, 1) or tail.padding != "same"
-            or getattr(tail, "depth_multiplier", 1) != 1 or tail.activation not in (None, keras.activations.linear)):
-        return None
-    kernel = subpixel_kernel(_dense_kernel(tail).astype(np.float32))
-    # Shaped (1, 1, 4C) as keras.layers.PReLU's slopes are, which the converter needs to
-    # fuse relu(u) - slope * relu(-u) into one PRELU op.
-    negative_slopes = -np.tile(np.asarray(prelu.alpha, np.float32).reshape(-1), 4).reshape(1, 1, -1)
-    bias = np.tile(np.asarray(tail.bias, np.float32), 4) if tail.use_bias else 0.0
-
-    def function(lr):
-        u = last.conv(model.trunk(lr))
-        u = tf.nn.relu(u) + tf.constant(negative_slopes) * tf.nn.relu(-u)
-        return model.to_output(tf.nn.depth_to_space(row_factored_conv(u, kernel) + bias, 2))
-
-    return function
+    return lambda lr: model.finish(lr, model.rearranged_tail(model.trunk(lr)))
 
 
 @contextlib.contextmanager
@@ -272,13 +195,15 @@ def tflite_graph(model):
     (a list of notes; empty: the model as it is). The same function as the model up to
     float rounding, arranged for XNNPACK: ``_subpixel_tail`` for the SRResNet family,
     and large depthwise kernels split into row bands (``banded_depthwise``)."""
+    from sr_tf.models.srgan import SRResNet
+
     notes, function = [], _subpixel_tail(model)
     layers = _large_depthwise(model)
-    if function is not None:
-        notes.append("last PReLU and 9x9 tail run before the final pixel shuffle, "
-                     "the tail as a 1x5 and a 5x1 convolution (same function)")
-        layers = [layer for layer in layers if layer is not model.tail]  # the tail is computed another way
-    else:
+    if isinstance(model, SRResNet) and model.upsample:
+        notes.append("last PReLU and 9x9 tail run before the final pixel shuffle, the tail as a 1x5 and a 5x1 "
+                     "convolution (same function; " + ("rearranged here)" if function else "the model's own form)"))
+        layers = [layer for layer in layers if layer is not model.tail]  # its weights are used, not its call
+    if function is None:
         function = lambda lr: model(lr, training=False)  # noqa: E731
     if layers:
         notes.append(f"{len(layers)} depthwise convolution(s) of more than {XNNPACK_FAST_TAPS} taps "

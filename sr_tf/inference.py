@@ -174,9 +174,12 @@ def _config_near(folder):
 
 def load_predictor(path, threads=None):
     """A :class:`Predictor` for a run folder, a ``.keras`` file, a SavedModel folder, an
-    export folder (its SavedModel) or a ``.tflite`` file. ValueError naming the path
-    and the reason when it is none of those or cannot be loaded."""
-    path = os.fspath(path)
+    export folder (its SavedModel), a ``.tflite`` file or a zoo name (``sr_tf.zoo``:
+    its folder's ``generator.keras``). ValueError naming the path and the reason when it
+    is none of those or cannot be loaded."""
+    from sr_tf import zoo
+
+    path = zoo.resolve(os.fspath(path))
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such model file or folder")
     if os.path.isdir(path):

@@ -1,9 +1,10 @@
 """The demo app: its display helpers (fast), and the page itself in a real browser.
 
-The browser test starts ``streamlit run app.py`` on a free loopback port with a tiny
-x2 model, drives Debian's headless Chromium through Selenium (never a browser or driver
-downloaded at run time) the way a reviewer would: upload a CT, read the panels and the
-metrics, download the upscaled DICOM, upload a corrupt file, then a good one again.
+The browser test starts ``streamlit run app.py`` on a free loopback port as a fresh
+checkout has it (the shipped zoo, no model named), drives Debian's headless Chromium
+through Selenium (never a browser or driver downloaded at run time) the way a reviewer
+would: upload a CT, check that the page chose the zoo model best for CT, read the panels
+and the metrics, download the upscaled DICOM, upload a corrupt file, then a good one.
 ``SR_APP_SCREENSHOT=docs/app.png`` also saves the result page there (the README's).
 """
 
@@ -19,7 +20,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from sr_tf import display
+from sr_tf import display, zoo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
@@ -135,14 +136,13 @@ def _free_port():
 
 @pytest.fixture
 def app_server(tmp_path):
-    """URL of ``streamlit run app.py`` with a tiny x2 model in its model path box."""
+    """URL of ``streamlit run app.py`` on the shipped zoo, with no model named."""
     _require_chromium()  # before paying for a server that no browser would visit
-    import sr_tf.models
-
-    model_path = tmp_path / "tiny_x2.keras"
-    sr_tf.models.build("residual_cnn", scale=2, filters=8).save(model_path)
+    if zoo.best_for("CT") is None:
+        pytest.fail("no zoo model is shipped in saved_models/ (python zoo.py --build=all)")
     port = _free_port()
-    env = dict(os.environ, SR_APP_MODEL=str(model_path), TF_CPP_MIN_LOG_LEVEL="2")
+    env = {k: v for k, v in os.environ.items() if k != "SR_APP_MODEL"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2")
     log = open(tmp_path / "streamlit.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", os.path.join(ROOT, "app.py"), f"--server.port={port}",
@@ -229,11 +229,14 @@ def _idle(driver):
     return not driver.find_elements("css selector", '[data-testid^="stStatusWidgetRunning"]')
 
 
-def _result_for(name):
-    """A condition: the run is over and the page shows the panels and metrics of file ``name``."""
+def _result_for(name, model):
+    """A condition: the run is over and the page shows the panels and metrics of file
+    ``name`` upscaled by zoo model ``model``."""
+    scale = zoo.RECIPES[model].scale
+
     def shown(driver):
         captions = _texts(driver, '[data-testid="stImageCaption"]')
-        panels = [c for c in captions if c.startswith(("LR input", "Bicubic x2", "Model tiny_x2 x2"))]
+        panels = [c for c in captions if c.startswith(("LR input", f"Bicubic x{scale}", f"Model {model} x{scale}"))]
         return (_idle(driver) and len(panels) == 3
                 and any(name in text for text in _texts(driver, '[data-testid="stCaptionContainer"]'))
                 and "PSNR, model" in _texts(driver, '[data-testid="stMetricLabel"]')
@@ -252,13 +255,17 @@ def test_the_page_upscales_downloads_and_survives_a_bad_upload(app_server, brows
     _wait(browser, lambda d: d.find_elements("css selector", '[data-testid="stFileUploader"] input[type="file"]'),
           "the file uploader")
 
-    # A CT upload: three panels of the same region, the metrics and the inference time.
+    # A CT upload: the zoo model best for CT, three panels of the same region, the
+    # metrics and the inference time.
     _upload(browser, testdata("CT_small.dcm"))
-    _wait(browser, _result_for("CT_small.dcm"), "the result of CT_small.dcm", timeout=90)
+    model = zoo.best_for("CT")
+    scale = zoo.RECIPES[model].scale
+    side = 128 * scale
+    _wait(browser, _result_for("CT_small.dcm", model), "the result of CT_small.dcm", timeout=90)
     captions = _texts(browser, '[data-testid="stImageCaption"]')
     assert any(c.startswith("LR input, 128 x 128") for c in captions), captions
-    assert any(c.startswith("Bicubic x2, 256 x 256") for c in captions), captions
-    assert any(c.startswith("Model tiny_x2 x2, 256 x 256") for c in captions), captions
+    assert any(c.startswith(f"Bicubic x{scale}, {side} x {side}") for c in captions), captions
+    assert any(c.startswith(f"Model {model} x{scale}, {side} x {side}") for c in captions), captions
     assert any(c.startswith("|bicubic - model|") for c in captions), captions
     images = browser.find_elements("css selector", '[data-testid="stImage"] img')
     sizes = [browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", i) for i in images]
@@ -278,9 +285,9 @@ def test_the_page_upscales_downloads_and_survives_a_bad_upload(app_server, brows
         return files[0] if files else None
 
     path = _wait(browser, downloaded, "the downloaded DICOM", timeout=30)
-    assert os.path.basename(path) == "CT_small_x2.dcm"
+    assert os.path.basename(path) == f"CT_small_x{scale}.dcm"
     ds = pydicom.dcmread(path)
-    assert (ds.Rows, ds.Columns) == (256, 256)
+    assert (ds.Rows, ds.Columns) == (side, side)
     assert "DERIVED" in ds.ImageType
 
     # Zoom x2 (two steps of the slider, from the keyboard): one region in all three panels.
@@ -311,7 +318,7 @@ def test_the_page_upscales_downloads_and_survives_a_bad_upload(app_server, brows
     y, x = np.mgrid[0:96, 0:80]
     Image.fromarray((127 + 100 * np.sin(x / 7.0) * np.cos(y / 9.0)).astype(np.uint8)).save(xray)
     _upload(browser, xray)
-    _wait(browser, _result_for("chest.png"), "the result of chest.png")
+    _wait(browser, _result_for("chest.png", zoo.best_for("DX")), "the result of chest.png")
     captions = _texts(browser, '[data-testid="stImageCaption"]')
     assert any(c.startswith("LR input, 80 x 96") for c in captions), captions
     assert not [t for t in _texts(browser, '[data-testid="stAlert"]') if "corrupt.dcm" in t]

@@ -155,3 +155,24 @@ def test_tflite_and_keras_of_the_same_model_give_the_same_metrics(tiny_run, tmp_
     for metric in ("psnr", "consistency_psnr", "psnr_hu"):
         assert abs(keras_model[metric] - tflite_model[metric]) < 0.05, metric
     assert abs(keras_model["ssim"] - tflite_model["ssim"]) < 1e-4
+
+
+def test_a_model_inconsistent_with_its_input_is_flagged():
+    from sr_tf import evaluation
+
+    rows = [
+        {"image": f"a#{i}", "modality": "MR", "method": method, "psnr": 30.0, "ssim": 0.9, "nrmse": 0.1,
+         "consistency_psnr": value}
+        for i in range(2) for method, value in (("model", 38.0 + i), ("bicubic", 40.0))
+    ]
+    summary = evaluation.summarize(rows)
+    config = evaluation.EvalConfig(data="d")
+    text = evaluation.summary_markdown(summary, "gan", config)
+    assert "**Flagged**: data consistency 38.50 dB is 1.50 dB under bicubic's" in text
+    assert "FLAGGED" in evaluation.console_summary(summary)
+    for row in rows:
+        if row["method"] == "model":
+            row["consistency_psnr"] = 39.5
+    fine = evaluation.summarize(rows)
+    assert "Flagged" not in evaluation.summary_markdown(fine, "psnr", config)
+    assert evaluation.consistency_warning(fine["MR"]) is None

@@ -13,6 +13,7 @@ import pytest
 
 from data_prep import convert
 from sr_tf import export, inference, models
+from sr_tf.models import blocks
 from sr_tf.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,14 +235,14 @@ def test_subpixel_kernel_moves_a_convolution_before_the_pixel_shuffle(size, chan
     kernel = rng.normal(size=(size, size, channels, outputs)).astype(np.float32)
     x = rng.normal(size=(2, 7, 5, 4 * channels)).astype(np.float32)
     after = tf.nn.conv2d(tf.nn.depth_to_space(x, 2), kernel, 1, "SAME").numpy()
-    fused = export.subpixel_kernel(kernel)
+    fused = blocks.subpixel_kernel(kernel).numpy()
     assert fused.shape == (2 * ((size // 2 + 1) // 2) + 1,) * 2 + (4 * channels, 4 * outputs)
     before = tf.nn.depth_to_space(tf.nn.conv2d(x, fused, 1, "SAME"), 2).numpy()
     np.testing.assert_allclose(before, after, atol=1e-4)
-    factored = tf.nn.depth_to_space(export.row_factored_conv(x, fused), 2).numpy()
+    factored = tf.nn.depth_to_space(blocks.row_factored_conv(x, fused), 2).numpy()
     np.testing.assert_allclose(factored, after, atol=1e-4)
     with pytest.raises(ValueError, match="odd size"):
-        export.subpixel_kernel(np.zeros((4, 4, 1, 1), np.float32))
+        blocks.subpixel_kernel(np.zeros((4, 4, 1, 1), np.float32))
 
 
 @pytest.mark.parametrize("family,scale,channels", [("swift_srgan", 4, 1), ("swift_srgan", 2, 3), ("srgan", 2, 1),
@@ -264,5 +265,13 @@ def test_tflite_graph_is_the_model_rearranged(family, scale, channels):
     np.testing.assert_allclose(output, reference, atol=1e-5)
     rearranged = family != "residual_cnn" and scale > 1
     assert any("pixel shuffle" in note for note in notes) == rearranged, notes
+    if rearranged:  # a model saved with the tail after the shuffle is rearranged for TFLite
+        former = type(model).from_config({**model.get_config(), "tail_before_shuffle": False})
+        former(tf.constant(lr))
+        former.set_weights(model.get_weights())
+        np.testing.assert_allclose(former(lr, training=False).numpy(), reference, atol=1e-5)
+        with export.tflite_graph(former) as (function, notes):
+            np.testing.assert_allclose(function(tf.constant(lr)).numpy(), reference, atol=1e-5)
+        assert any("rearranged here" in note for note in notes), notes
     assert any("bands" in note for note in notes) == (family == "swift_srgan"), notes
     np.testing.assert_array_equal(model(lr, training=False).numpy(), reference)  # model restored

@@ -211,3 +211,72 @@ def test_pad_to_multiple_repeats_the_edge():
     padded = blocks.pad_to_multiple(x, 4)
     assert padded.shape == (1, 4, 4, 1)
     np.testing.assert_array_equal(padded[0, :, :, 0], [[0, 1, 2, 2], [3, 4, 5, 5], [3, 4, 5, 5], [3, 4, 5, 5]])
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+@pytest.mark.parametrize("name", ["srgan", "swift_srgan"])
+def test_residual_form_starts_as_bicubic(name, scale):
+    """Zero-initialised tail, ICNR sub-pixel convolutions: an untrained model is bicubic."""
+    model = models.build(name, scale=scale)
+    lr = images((2, 12, 17, 1), seed=3)
+    expected = np.clip(blocks.bicubic_upsample(tf.constant(lr), scale).numpy(), 0, 1)
+    np.testing.assert_allclose(model(lr, training=False), expected, atol=1e-3)
+    published = models.build(name, scale=scale, residual=False)
+    assert np.abs(published(lr, training=False).numpy() - expected).max() > 0.05
+
+
+@pytest.mark.parametrize("name", ["srgan", "swift_srgan"])
+def test_residual_and_published_forms_have_the_same_weights(name):
+    counts = [sum(int(np.prod(w.shape)) for w in models.build(name, scale=4, residual=r).weights) for r in (True, False)]
+    assert counts[0] == counts[1]
+
+
+def test_icnr_repeats_each_kernel_for_the_four_sub_pixels():
+    kernel = blocks.ICNR()((3, 3, 8, 16)).numpy()
+    for phase in range(1, 4):
+        np.testing.assert_array_equal(kernel[..., phase * 4:(phase + 1) * 4], kernel[..., :4])
+    block = blocks.UpsampleBlock(4, icnr=True)
+    out = block(images((1, 5, 6, 4))).numpy()
+    # Every 2x2 output block holds one value per channel: nearest-neighbour upsampling.
+    np.testing.assert_allclose(out[:, 0::2, 0::2], out[:, 1::2, 1::2], atol=1e-6)
+    np.testing.assert_allclose(out[:, 0::2, 0::2], out[:, 0::2, 1::2], atol=1e-6)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.013, 0.5, 0.91, 1.0])
+@pytest.mark.parametrize("name", models.NAMES)
+def test_constant_image_comes_back_constant(name, level):
+    """The residual head fades the correction on flat input: even random weights (which
+    predict a large correction everywhere) return a constant image unchanged."""
+    keras.utils.set_random_seed(1)
+    model = models.build(name, scale=2, **TINY[name])
+    if name in ("srgan", "swift_srgan"):  # the zero tail would make this trivial: randomise it
+        model.tail.set_weights([np.random.default_rng(0).normal(0, 0.5, w.shape) for w in model.tail.get_weights()])
+    flat = np.full((1, 11, 13, 1), level, np.float32)
+    out = model(flat, training=False).numpy()
+    np.testing.assert_allclose(out, level, atol=1e-3)
+    textured = images((1, 11, 13, 1))
+    base = np.clip(blocks.bicubic_upsample(tf.constant(textured), 2).numpy(), 0, 1) if name != "vq_autoencoder" else None
+    if base is not None:  # the same weights do change a textured image: the gate is not a switch-off
+        assert np.abs(model(textured, training=False).numpy() - base).max() > 1e-2
+
+
+def test_residual_output_gate():
+    head = blocks.ResidualOutput(flat_std=0.01, radius=2)
+    base = tf.constant(np.full((1, 9, 9, 1), 0.4, np.float32))
+    np.testing.assert_allclose(head.gate(base), 0.0, atol=1e-6)
+    rng = np.random.default_rng(0)
+    for std, expected in ((0.005, 1 / 17), (0.01, 0.5), (0.02, 16 / 17)):
+        noise = tf.constant(0.5 + std * rng.standard_normal((1, 200, 200, 1)).astype(np.float32))
+        assert abs(float(tf.reduce_mean(head.gate(noise))) - expected) < 0.12
+    off = blocks.ResidualOutput(flat_std=0.0)
+    np.testing.assert_allclose(off(base, tf.fill([1, 9, 9, 1], 0.1)), 0.5, atol=1e-6)
+    with pytest.raises(ValueError, match="flat_std"):
+        blocks.ResidualOutput(flat_std=-1)
+
+
+def test_models_saved_before_the_residual_form_load_as_published():
+    config = models.build("swift_srgan", scale=2, **TINY["swift_srgan"]).get_config()
+    config.pop("residual")
+    from sr_tf.models.swift_srgan import SwiftSRResNet
+
+    assert SwiftSRResNet.from_config(config).residual is False

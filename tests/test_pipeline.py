@@ -124,6 +124,25 @@ def test_same_seed_same_batches_other_seed_other_batches(data):
     assert not np.array_equal(first[0][1], other[0][1])
 
 
+def test_augmented_batches_are_repeatable_in_range_and_change_the_patches(data):
+    def take(augment, seed=7):
+        return _batches(pipeline.make_dataset(data["many"], "train", 4, 32, 8, seed=seed, augment=augment), 4)
+
+    plain, augmented, again = take(False), take(True), take(True)
+    for (lr_a, hr_a), (lr_b, hr_b) in zip(augmented, again):
+        np.testing.assert_array_equal(hr_a, hr_b)
+        np.testing.assert_array_equal(lr_a, lr_b)
+    hr_plain = np.concatenate([hr for _, hr in plain])
+    hr_augmented = np.concatenate([hr for _, hr in augmented])
+    assert 0.0 <= hr_augmented.min() and hr_augmented.max() <= 1.0
+    changed = [not np.array_equal(a, b) for a, b in zip(hr_plain, hr_augmented)]
+    assert 0.3 < np.mean(changed) < 1.0  # the same crops, most of them changed, some left alone
+    # The inputs are still the degraded targets, but for the faint noise on a few.
+    for lr, hr in augmented:
+        clean = degrade.downsample(hr, 4).numpy()
+        assert np.abs(lr - clean).max() < 0.05 and np.median(np.abs(lr - clean)) < 1e-3
+
+
 def test_unseeded_dataset_runs(data):
     ((lr, hr),) = _batches(pipeline.make_dataset(data["many"], "train", 2, 32, 4, seed=None), 1)
     assert lr.shape == (4, 16, 16, 1)

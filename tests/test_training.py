@@ -284,3 +284,53 @@ def test_time_budget_stops_early_evaluated_and_saved(tiny_records, tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith(f"ckpt-{result['step']}")
     with pytest.raises(ValueError, match="max_minutes"):
         tiny_config(tiny_records, tmp_path / "other", max_minutes=-1).check()
+
+
+def test_weight_average_is_evaluated_and_the_better_weights_saved(tiny_records, tmp_path):
+    import keras
+
+    config = tiny_config(tiny_records, tmp_path / "run", steps=8, ema_decay=0.9, eval_every=4, augment=True)
+    result = loop.train(config)
+    with open(os.path.join(config.run_dir, "result.json")) as f:
+        saved = json.load(f)
+    assert saved["weights"] in ("average", "trained") and saved["step"] == 8
+    better = max(saved["val_average"]["psnr"], saved["val_trained"]["psnr"])
+    assert saved["val"]["psnr"] == better
+    assert read_metric(config.run_dir, "val_average", "psnr")
+    model = keras.saving.load_model(os.path.join(config.run_dir, "generator.keras"))
+    source = result["average"].averages if saved["weights"] == "average" else result["generator"].trainable_variables
+    for mine, theirs in zip(model.trainable_variables, source):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=1e-6)
+
+
+def test_weight_average_update_and_swap():
+    from sr_tf.training.trainers import WeightAverage
+
+    weight = tf.Variable([1.0, 2.0])
+    average = WeightAverage([weight], decay=0.5)
+    weight.assign([3.0, 4.0])
+    average.update([weight])  # warm-up decay min(0.5, 2/11)
+    decay = 2 / 11
+    expected = decay * np.array([1.0, 2.0]) + (1 - decay) * np.array([3.0, 4.0])
+    np.testing.assert_allclose(average.averages[0].numpy(), expected, rtol=1e-6)
+    with average.applied([weight]):
+        np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(weight.numpy(), [3.0, 4.0])
+
+
+def test_init_from_copies_a_trained_generator_and_refuses_another(tiny_records, tmp_path):
+    first = tiny_config(tiny_records, tmp_path / "first", steps=3)
+    trained = loop.train(first)["generator"]
+    built = loop.build(tiny_config(tiny_records, tmp_path / "second", init_from=first.run_dir),
+                       tf.distribute.get_strategy())
+    for mine, theirs in zip(built["generator"].weights, trained.weights):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    other = tiny_config(tiny_records, tmp_path / "third", model_options={"filters": 8}, init_from=first.run_dir)
+    with pytest.raises(loop.TrainingError, match="does not match"):
+        loop.build(other, tf.distribute.get_strategy())
+
+
+def test_adversarial_phase_needs_a_pixel_trained_generator(tiny_records, tmp_path):
+    config = tiny_config(tiny_records, tmp_path / "gan", "swift_srgan", pretrain_steps=0)
+    with pytest.raises(ValueError, match="PSNR-trained generator"):
+        config.check()

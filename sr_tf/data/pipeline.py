@@ -8,8 +8,11 @@ Training (``split="train"``)::
     manifest shards -> per-pipeline share -> shuffled file order -> parallel interleaved
     reading -> parse + PNG decode (records.parse) -> drop images smaller than the patch
     -> optional in-memory cache of the decoded images -> repeat -> random crop that
-    avoids near-empty patches -> random flip / 90-degree rotation -> shuffle -> batch
-    (drop_remainder) -> degradation of the batch (sr_tf.data.degrade) -> prefetch
+    avoids near-empty patches -> random flip / 90-degree rotation -> [intensity and
+    smoothness augmentation] -> shuffle -> batch (drop_remainder) -> degradation of the
+    batch (sr_tf.data.degrade) -> [faint input noise] -> prefetch
+
+The bracketed steps run with ``augment=True`` (``sr_tf.data.augment``).
 
 Every random draw is stateless with a seed derived from ``seed``, the input pipeline
 and the element's position in the stream, and every parallel stage keeps its order
@@ -33,6 +36,7 @@ import random
 import tensorflow as tf
 
 from sr_tf import records
+from sr_tf.data import augment as augmentation
 from sr_tf.data import degrade
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -74,6 +78,7 @@ def make_dataset(
     max_crop_tries=DEFAULT_MAX_CROP_TRIES,
     repeat=None,
     cache="auto",
+    augment=False,
 ):
     """Batches of ``(lr, hr)`` float32 in [0, 1] from a data_prep output folder.
 
@@ -107,6 +112,9 @@ def make_dataset(
       cache: True keeps the decoded images (training) or the finished examples (other
         splits) in memory after the first pass, False never, ``"auto"`` when the shards
         read are at most ``CACHE_AUTO_LIMIT_MB``.
+      augment: training only: random intensity changes and smooth targets for the HR
+        patches and faint noise on the inputs (``sr_tf.data.augment``); with
+        ``hr_only`` the input noise is left to the device step.
 
     Raises:
       records.RecordsError: the folder or its manifest is missing or unreadable.
@@ -147,11 +155,16 @@ def make_dataset(
         if use_cache:
             images = images.cache()
         crop_seed, degrade_seed = _derive_seeds(base_seed, 2)
+        augment_seed, noise_seed = _derive_seeds(tf.random.experimental.stateless_fold_in(base_seed, 0x5EED), 2)
 
         def random_patch(index, image):
             seed_crop, seed_flip = _derive_seeds(crop_seed, 2, index)
+            seed_intensity, seed_smooth = _derive_seeds(augment_seed, 2, index)
             hr = _random_crop(image, patch_size, min_patch_std, max_crop_tries, seed_crop)
-            return _random_dihedral(hr, seed_flip)
+            hr = _random_dihedral(hr, seed_flip)
+            if augment:
+                hr = augmentation.smooth(augmentation.intensity(hr, seed_intensity), scale, seed_smooth)
+            return hr
 
         patches = images.repeat(passes).enumerate()
         patches = patches.map(random_patch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
@@ -162,7 +175,10 @@ def make_dataset(
             # every image of the batch still draws its own blur and noise levels.
             def degrade_batch(index, hr):
                 batch_seed = tf.random.experimental.stateless_fold_in(degrade_seed, index)
-                return degrade.apply(degradation, hr, scale, batch_seed)
+                lr, hr = degrade.apply(degradation, hr, scale, batch_seed)
+                if augment:
+                    lr = augmentation.lr_noise(lr, tf.random.experimental.stateless_fold_in(noise_seed, index))
+                return lr, hr
 
             batches = batches.enumerate()
             batches = batches.map(degrade_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)

@@ -8,9 +8,11 @@ height and width are free. Options are the model class's keyword arguments (``fi
 ``num_blocks``, ``codebook_size``, ...); their defaults are the published configurations.
 Models come back built (weights created) for inputs of shape (None, None, None, channels).
 
-Outputs are float32 in [0, 1] (float32 also under a ``mixed_float16`` policy):
-srgan and swift_srgan end with ``(tanh(x) + 1) / 2``; residual_cnn and vq_autoencoder
-add their prediction to the interpolated input and clip, straight-through while training.
+Outputs are float32 in [0, 1] (float32 also under a ``mixed_float16`` policy). Every
+model by default adds a learned correction to the interpolated input (bicubic; the input
+itself at scale 1), faded where the image is flat and clipped, straight-through while
+training (``blocks.ResidualOutput``); srgan and swift_srgan start from bicubic exactly
+and take ``residual=False`` for the published form, ``(tanh(x) + 1) / 2`` without a skip.
 """
 
 import keras
@@ -52,6 +54,15 @@ def build(name, scale=4, channels=1, **options):
     return model
 
 
+def pretrained(name):
+    """The Keras model of a zoo model (``sr_tf.zoo``), e.g. ``pretrained("swift_srgan_x4")``:
+    its ``generator.keras`` in ``saved_models/<name>/``. ``sr_tf.zoo.ZooError`` (a
+    ValueError) for an unknown name (listing the known ones) or a missing or corrupt file."""
+    from sr_tf import zoo
+
+    return zoo.load(name)
+
+
 def build_discriminator(name, channels=1, **options):
     """The discriminator of a GAN model; it returns logits (N, 1) for any crop size."""
     _check_name(name)
@@ -62,4 +73,4 @@ def build_discriminator(name, channels=1, **options):
     return model
 
 
-__all__ = ["NAMES", "SCALES", "build", "build_discriminator", "is_gan"]
+__all__ = ["NAMES", "SCALES", "build", "build_discriminator", "is_gan", "pretrained"]

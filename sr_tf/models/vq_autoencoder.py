@@ -17,13 +17,15 @@ losses are in ``model.losses`` after a call (see ``VectorQuantizer``).
 from keras import ops
 
 from sr_tf.models.blocks import (
+    DEFAULT_FLAT_STD,
     ResidualBlock,
+    ResidualOutput,
     SuperResolutionModel,
-    UnitRange,
     UpsampleBlock,
     VectorQuantizer,
     bicubic_upsample,
     conv2d,
+    gate_radius,
     pad_to_multiple,
     serializable,
 )
@@ -31,8 +33,9 @@ from sr_tf.models.blocks import (
 
 @serializable
 class VQAutoencoder(SuperResolutionModel):
-    """``clip(bicubic(x) + decoder(quantise(encoder(bicubic(x)))))``; the clip to [0, 1]
-    is straight-through while training (see ``UnitRange``)."""
+    """``clip(bicubic(x) + gate * decoder(quantise(encoder(bicubic(x)))))``: the gate fades
+    the correction where the image is flat, the clip to [0, 1] is straight-through
+    while training (see ``ResidualOutput``)."""
 
     def __init__(
         self,
@@ -45,6 +48,7 @@ class VQAutoencoder(SuperResolutionModel):
         embedding_dim=64,
         commitment_weight=0.25,
         ema=False,
+        flat_std=DEFAULT_FLAT_STD,
         **kwargs,
     ):
         super().__init__(scale=scale, channels=channels, **kwargs)
@@ -55,6 +59,7 @@ class VQAutoencoder(SuperResolutionModel):
         self.embedding_dim = embedding_dim
         self.commitment_weight = commitment_weight
         self.ema = ema
+        self.flat_std = flat_std
 
         def res_blocks(part):
             return [
@@ -74,7 +79,7 @@ class VQAutoencoder(SuperResolutionModel):
         self.decoder += res_blocks("decoder")
         self.decoder += [UpsampleBlock(filters, name=f"up_{i}") for i in range(num_downsamples)]
         self.decoder.append(conv2d(channels, 3, name="residual"))
-        self.to_output = UnitRange("clip", dtype="float32", name="output")
+        self.to_output = ResidualOutput(flat_std, gate_radius(scale), dtype="float32", name="output")
 
     def call(self, inputs):
         base = bicubic_upsample(inputs, self.scale)
@@ -85,7 +90,7 @@ class VQAutoencoder(SuperResolutionModel):
         x = self.quantizer(x)
         for layer in self.decoder:
             x = layer(x)
-        return self.to_output(base + ops.cast(x[:, :height, :width], base.dtype))
+        return self.to_output(base, x[:, :height, :width])
 
     def get_config(self):
         return {
@@ -97,4 +102,5 @@ class VQAutoencoder(SuperResolutionModel):
             "embedding_dim": self.embedding_dim,
             "commitment_weight": self.commitment_weight,
             "ema": self.ema,
+            "flat_std": self.flat_std,
         }

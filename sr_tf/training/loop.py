@@ -14,7 +14,8 @@ Run layout (``run_dir``)::
     best/                the checkpoint with the best validation PSNR
     tensorboard/         scalars and an image grid of fixed validation samples
     metrics.csv          step, phase, metric, value
-    generator.keras      the final generator
+    generator.keras      the final generator (its averaged weights when they measure better)
+    result.json          steps, wall time, the last validation of both weight sets, which was kept
 """
 
 import csv
@@ -51,7 +52,7 @@ class TrainConfig:
     patch_size: int = 96  # HR patch
     degradation: str = "bicubic"
     degrade_on: str = "auto"  # pipeline | device | auto (device when a GPU is present)
-    pixel_loss: str = "mse"
+    pixel_loss: str = "l1"
     pixel_weight: float = 1.0
     adversarial_weight: float = 1e-3
     relativistic: bool = False
@@ -63,6 +64,10 @@ class TrainConfig:
     learning_rate: float = 1e-4
     d_learning_rate: float = 1e-4
     lr_schedule: str = "constant"  # constant | cosine | step
+    warmup_steps: int = 0  # linear warm-up from 0 to the learning rate (cosine schedule)
+    ema_decay: float = 0.0  # decay of the generator's weight average; 0: no average
+    augment: bool = False  # intensity / smoothness / input-noise augmentation (sr_tf.data.augment)
+    init_from: str = ""  # a generator (.keras, run folder or zoo name) whose weights start the run
     mixed_precision: bool = False
     strategy: str = "auto"
     seed: int = 0
@@ -93,6 +98,17 @@ class TrainConfig:
             raise ValueError("--pretrain_steps must be between 0 and --steps")
         if self.lr_schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"--lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError("--warmup_steps must be between 0 and --steps")
+        if self.warmup_steps and self.lr_schedule != "cosine":
+            raise ValueError("--warmup_steps needs --lr_schedule=cosine")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if models.is_gan(self.model) and self.pretrain_steps < self.steps and not (self.pretrain_steps or self.init_from):
+            raise ValueError(
+                "the adversarial phase starts only from a PSNR-trained generator: give --pretrain_steps "
+                "or --init_from (a pixel-loss trained generator)"
+            )
         if self.max_minutes < 0:
             raise ValueError(f"--max_minutes must be 0 (no budget) or positive, got {self.max_minutes}")
         if self.degrade_on not in ("auto", "pipeline", "device"):
@@ -144,6 +160,11 @@ def _schedule(config, base_rate):
     import keras
 
     if config.lr_schedule == "cosine":
+        if config.warmup_steps:
+            return keras.optimizers.schedules.CosineDecay(
+                0.0, decay_steps=config.steps - config.warmup_steps, alpha=0.01,
+                warmup_target=base_rate, warmup_steps=config.warmup_steps,
+            )
         return keras.optimizers.schedules.CosineDecay(base_rate, decay_steps=config.steps, alpha=0.01)
     if config.lr_schedule == "step":
         boundaries = [int(config.steps * 0.5), int(config.steps * 0.75)]
@@ -180,13 +201,16 @@ def build(config, strategy):
 
     from sr_tf import losses, models
     from sr_tf.data import degrade
-    from sr_tf.training.trainers import GANTrainer, SupervisedTrainer
+    from sr_tf.training.trainers import GANTrainer, SupervisedTrainer, WeightAverage
 
     model_scale = degrade.model_scale(config.degradation, config.scale)
     on_device = _degrade_on_device(config)
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
         generator = models.build(config.model, scale=model_scale, **config.model_options)
+        if config.init_from:
+            _initialise(generator, config.init_from)
+        average = WeightAverage(generator.trainable_variables, config.ema_decay) if config.ema_decay else None
         common = dict(
             pixel_loss=losses.PixelLoss(config.pixel_loss, weight=config.pixel_weight),
             global_batch_size=config.batch_size,
@@ -196,6 +220,7 @@ def build(config, strategy):
             degradation=config.degradation if on_device else None,
             scale=config.scale,
             seed=config.seed,
+            weight_average=average,
         )
         g_optimizer = _optimizer(config, config.learning_rate)
         supervised = SupervisedTrainer(generator, **common)
@@ -216,7 +241,30 @@ def build(config, strategy):
         if discriminator is not None:
             discriminator(tf.zeros([1, config.patch_size, config.patch_size, 1]))
             gan.d_optimizer.build(discriminator.trainable_variables)
-    return {"generator": generator, "discriminator": discriminator, "supervised": supervised, "gan": gan}
+    return {"generator": generator, "discriminator": discriminator, "supervised": supervised, "gan": gan,
+            "average": average}
+
+
+def _initialise(generator, source):
+    """Copy the weights of the generator at ``source`` (a ``.keras`` file, a run folder or
+    a zoo name) into ``generator``; TrainingError when it cannot be read or differs."""
+    import keras
+
+    from sr_tf import zoo
+
+    path = zoo.keras_path(source)
+    try:
+        trained = keras.saving.load_model(path, compile=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise TrainingError(f"--init_from {source}: cannot load {path} ({exc})") from exc
+    mine = [tuple(w.shape) for w in generator.weights]
+    theirs = [tuple(w.shape) for w in trained.weights]
+    if type(trained) is not type(generator) or mine != theirs:
+        raise TrainingError(
+            f"--init_from {source}: {type(trained).__name__} with {len(theirs)} weights does not match "
+            f"this run's {type(generator).__name__} ({len(mine)} weights); same model, scale and options needed"
+        )
+    generator.set_weights(trained.get_weights())
 
 
 def _degrade_on_device(config):
@@ -237,6 +285,7 @@ def _datasets(config, strategy):
         return pipeline.make_dataset(
             config.data, "train", config.scale, config.patch_size, config.batch_size,
             degradation=config.degradation, seed=config.seed, hr_only=on_device, input_context=input_context,
+            augment=config.augment,
         )
 
     train = strategy.distribute_datasets_from_function(train_fn)
@@ -383,6 +432,9 @@ def train(config, flags_text=None, strategy=None):
     tracked = {"step": step, "best_psnr": best_psnr, "generator": generator, "g_optimizer": supervised.g_optimizer}
     if gan is not None:
         tracked.update(discriminator=built["discriminator"], d_optimizer=gan.d_optimizer)
+    average = built["average"]
+    if average is not None:
+        tracked["generator_average"] = average
     checkpoint = tf.train.Checkpoint(**tracked)
     # Non-chief workers write to a scratch folder (their saves take part in collectives).
     ckpt_root = run_dir if is_chief else os.path.join(run_dir, f".worker-{worker}")
@@ -424,7 +476,7 @@ def train(config, flags_text=None, strategy=None):
     bar = tqdm(total=config.steps, initial=start, desc=f"train {config.model}", unit="step",
                disable=not (config.progress and is_chief), dynamic_ncols=True)
     started = time.perf_counter()
-    result = None
+    result = averaged = None
     timed_out = False
     try:
         with _Stop() as stop:
@@ -453,8 +505,14 @@ def train(config, flags_text=None, strategy=None):
                     result = evaluate(generator, val, config.scale, same_size)
                     recorder.scalars(done, "val", result)
                     recorder.images(done, "val/lr_bicubic_sr_hr", _image_grid(generator, grid_samples))
-                    if result["psnr"] > best_psnr.numpy():
-                        best_psnr.assign(result["psnr"])
+                    best = result["psnr"]
+                    if average is not None:
+                        with average.applied(generator.trainable_variables):
+                            averaged = evaluate(generator, val, config.scale, same_size)
+                        recorder.scalars(done, "val_average", averaged)
+                        best = max(best, averaged["psnr"])
+                    if best > best_psnr.numpy():
+                        best_psnr.assign(best)
                         best_manager.save(checkpoint_number=done)
                 if done % config.checkpoint_every == 0 or last:
                     last_saved = manager.save(checkpoint_number=done)
@@ -472,9 +530,24 @@ def train(config, flags_text=None, strategy=None):
         bar.close()
         recorder.close()
     finished = int(step.numpy()) >= config.steps or timed_out
+    kept = "average" if average is not None and averaged is not None and result is not None and (
+        averaged["psnr"] > result["psnr"]) else "trained"
     if finished and is_chief:
-        generator.save(os.path.join(run_dir, "generator.keras"))
+        if kept == "average":
+            with average.applied(generator.trainable_variables):
+                generator.save(os.path.join(run_dir, "generator.keras"))
+        else:
+            generator.save(os.path.join(run_dir, "generator.keras"))
+        from data_prep.writer import write_json_atomic
+
+        write_json_atomic(os.path.join(run_dir, "result.json"), {
+            "step": int(step.numpy()), "timed_out": timed_out,
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "weights": kept, "val": averaged if kept == "average" else result,
+            "val_trained": result, "val_average": averaged,
+        })
     if not is_chief:
         shutil.rmtree(ckpt_root, ignore_errors=True)
-    built.update(step=int(step.numpy()), val=result, finished=finished, timed_out=timed_out, strategy=strategy)
+    built.update(step=int(step.numpy()), val=averaged if kept == "average" else result, val_trained=result,
+                 val_average=averaged, weights=kept, finished=finished, timed_out=timed_out, strategy=strategy)
     return built

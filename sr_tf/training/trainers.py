@@ -13,6 +13,8 @@ then the trainer degrades them with the same ops the pipeline uses
 (:func:`sr_tf.data.degrade.apply`), seeded by the step and the replica.
 """
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -26,12 +28,55 @@ def _replica_context():
     return replica, replicas
 
 
+class WeightAverage(tf.Module):
+    """An exponential moving average of a generator's trainable weights.
+
+    ``update`` runs inside the train step, after the optimizer: every replica holds the
+    same weights then, so the first replica's average is everyone's
+    (``ONLY_FIRST_REPLICA``). The decay warms up as ``min(decay, (1 + t) / (10 + t))``
+    after ``t`` updates (``tf.train.ExponentialMovingAverage``'s ``num_updates``), so a
+    short run averages over its last few dozen steps rather than its random start.
+    ``applied`` swaps the average into the model for evaluation or saving.
+    """
+
+    def __init__(self, variables, decay):
+        super().__init__(name="weight_average")
+        self.decay = float(decay)
+        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=first, name="updates")
+        self.averages = [
+            tf.Variable(tf.convert_to_tensor(v), trainable=False, aggregation=first, name=f"average_{i}")
+            for i, v in enumerate(variables)
+        ]
+
+    def update(self, variables):
+        self.updates.assign_add(1)
+        count = tf.cast(self.updates, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + count) / (10.0 + count))
+        for average, variable in zip(self.averages, variables):
+            average.assign(decay * average + (1.0 - decay) * tf.cast(variable, average.dtype))
+
+    @contextlib.contextmanager
+    def applied(self, variables):
+        """Within the block, ``variables`` hold the averages; restored after."""
+        saved = [tf.identity(v) for v in variables]
+        for variable, average in zip(variables, self.averages):
+            variable.assign(average)
+        try:
+            yield
+        finally:
+            for variable, value in zip(variables, saved):
+                variable.assign(value)
+
+
 class _Base(keras.Model):
     """Shared input handling, loss averaging and validation for both trainers."""
 
     def __init__(self, generator, pixel_loss, global_batch_size, perceptual_loss=None, ssim_loss=None,
-                 tv_loss=None, degradation=None, scale=4, seed=0, **kwargs):
+                 tv_loss=None, degradation=None, scale=4, seed=0, weight_average=None, **kwargs):
         super().__init__(**kwargs)
+        # Kept out of Keras' attribute tracking: the loop checkpoints it itself.
+        object.__setattr__(self, "weight_average", weight_average)
         self.generator = generator
         self.pixel_loss = pixel_loss
         self.perceptual_loss = perceptual_loss
@@ -56,6 +101,10 @@ class _Base(keras.Model):
         seed = tf.stack([tf.cast(self.seed, tf.int64) * 1000003 + tf.cast(replica, tf.int64),
                          tf.cast(step, tf.int64)])
         return degrade.apply(self.degradation, data, self.scale, tf.cast(seed, tf.int32))
+
+    def _average(self, variables):
+        if self.weight_average is not None:
+            self.weight_average.update(variables)
 
     def _mean(self, per_sample):
         return tf.nn.compute_average_loss(per_sample, global_batch_size=self.global_batch_size)
@@ -116,6 +165,7 @@ class SupervisedTrainer(_Base):
         variables = self.generator.trainable_variables
         grads = tape.gradient(scaled, variables)
         self.g_optimizer.apply(grads, variables)
+        self._average(variables)
         return {"loss": total, **losses}
 
 
@@ -155,6 +205,7 @@ class GANTrainer(_Base):
         d_grads = d_tape.gradient(d_scaled, d_vars)
         self.d_optimizer.apply(d_grads, d_vars)
         self.g_optimizer.apply(g_grads, g_vars)
+        self._average(g_vars)
         _, replicas = _replica_context()
         return {
             "loss": g_total,

@@ -1,0 +1,197 @@
+"""SRGAN / Swift-SRGAN training steps on a CPU: the former step against each speed-up, in one run.
+
+    python -m bench.train_step                      # both GANs, both phases; writes the "train_step" section
+    python -m bench.train_step --models swift_srgan --no_write
+
+Every configuration computes the same function on the same batch (global batch 16, HR
+patch 96, x4, the default strategy): the trainers come from
+``sr_tf.training.loop.build`` with ``train.py``'s losses, and the step is the loop's
+compiled ``strategy.run(trainer.train_step)``. The configurations:
+
+- ``former``: the step as it was: Keras' own batch normalisation, the tail after the
+  last pixel shuffle (``fused_batch_norm=False, tail_before_shuffle=False``, generator and
+  discriminator);
+- ``+ fused BN``: batch normalisation trained with TensorFlow's fused kernel;
+- ``+ tail before shuffle``: the last PReLU and 9x9 tail run before the final pixel
+  shuffle (``SRResNet.rearranged_tail``);
+- ``both`` (today's default);
+- ``former, XLA``: the former pixel-loss step compiled with ``jit_compile=True`` (timed
+  over fewer windows: each call is slow).
+
+Both phases are measured: ``pixel`` (the pre-training step, pixel loss only) and
+``adversarial`` (generator and discriminator, with the perceptual loss on the random
+frozen backbone: the ImageNet weights are not cached here, and cost the same). The
+configurations alternate window by window; each ratio is the median over windows of the
+ratio within one window, which cancels most of the load that changes between windows.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ("swift_srgan", "srgan")
+FORMER = {"fused_batch_norm": False, "tail_before_shuffle": False}
+CONFIGS = {
+    "former": FORMER,
+    "+ fused BN": {"fused_batch_norm": True, "tail_before_shuffle": False},
+    "+ tail before shuffle": {"fused_batch_norm": False, "tail_before_shuffle": True},
+    "both": {"fused_batch_norm": True, "tail_before_shuffle": True},
+}
+XLA = "former, XLA"
+TARGET = 1.5
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(NAMES), choices=NAMES)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--patch_size", type=int, default=96)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--window_seconds", type=float, default=3.0)
+    parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the former step under XLA")
+    parser.add_argument("--no_write", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _window(call, seconds, min_calls=2):
+    calls, start = 0, time.perf_counter()
+    while True:
+        call()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and calls >= min_calls:
+            return elapsed / calls
+
+
+def measure(name, args):
+    """{phase: {configuration: [seconds per step, one per window]}} for model ``name``."""
+    import tensorflow as tf
+
+    from sr_tf.data import pipeline
+    from sr_tf.training import loop
+
+    records = os.path.join(ROOT, "tfrecords", "samples")
+    batch = next(iter(pipeline.make_dataset(records, "train", 4, args.patch_size, args.batch_size, seed=0)))
+    steps = {"pixel": {}, "adversarial": {}}
+    configs = dict(CONFIGS)
+    if args.xla:
+        configs[XLA] = FORMER
+    built_all = {}
+    for label, options in configs.items():  # every build first: loop.build re-seeds (clears tf.function caches)
+        if label == XLA:
+            built_all[label] = built_all["former"]
+            continue
+        config = loop.TrainConfig(model=name, scale=4, data=records, run_dir=os.devnull, batch_size=args.batch_size,
+                                  patch_size=args.patch_size, strategy="default", progress=False,
+                                  perceptual_weights="random", model_options=dict(options),
+                                  discriminator_options={"fused_batch_norm": options["fused_batch_norm"]},
+                                  pretrain_steps=1)
+        built_all[label] = loop.build(config, tf.distribute.get_strategy())
+    for label, built in built_all.items():
+        for phase, trainer in (("pixel", built["supervised"]), ("adversarial", built["gan"])):
+            if label == XLA and phase == "adversarial":
+                continue  # compiling the perceptual backbone's step alone takes minutes
+            step = tf.function(trainer.train_step, jit_compile=label == XLA)
+            steps[phase][label] = lambda step=step: float(step(batch)["loss"])
+    seconds = {phase: {label: [] for label in calls} for phase, calls in steps.items()}
+    for phase, calls in steps.items():
+        for label, call in calls.items():
+            started = time.perf_counter()
+            call()
+            call()
+            print(f"  {name} {phase} {label}: warm-up {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        for window in range(args.windows):
+            order = list(calls.items()) if window % 2 == 0 else list(calls.items())[::-1]
+            for label, call in order:
+                if label == XLA and window >= 2:
+                    continue
+                seconds[phase][label].append(_window(call, args.window_seconds))
+                print(f"  {name} {phase} window {window + 1} {label}: {seconds[phase][label][-1] * 1e3:.0f} ms",
+                      file=sys.stderr, flush=True)
+    return seconds
+
+
+def ratios(times, label):
+    """Median over windows of (former time / ``label`` time) within each window."""
+    pairs = list(zip(times["former"], times[label]))
+    return statistics.median(a / b for a, b in pairs)
+
+
+def markdown(results, args, wall):
+    from bench.report import machine
+    from sr_tf import zoo
+
+    cpu = zoo.machine()
+    lines = [
+        "## Training step of SRGAN and Swift-SRGAN: former step against each speed-up",
+        "",
+        f"`python -m bench.train_step` on {machine()} ({cpu['cpu']}; {', '.join(cpu['vector_extensions'])}), "
+        f"TensorFlow {cpu['tensorflow']}; whole run {wall / 60:.1f} min. Global batch {args.batch_size}, HR patch "
+        f"{args.patch_size}, x4, default strategy, one fixed batch; every configuration the same function. "
+        f"Median ms per step over {args.windows} alternating windows of at least {args.window_seconds:g} s "
+        "(XLA: 2 windows); speed-up = median of the within-window ratios former / configuration.",
+        "",
+        "| model | phase | former | + fused BN | + tail before shuffle | both (default) | former, XLA | "
+        f"speed-up of the default | {TARGET}x target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, seconds in results.items():
+        for phase, times in seconds.items():
+            cells = []
+            for label in (*CONFIGS, XLA):
+                if label not in times or not times[label]:
+                    cells.append("n/a")
+                    continue
+                ms = 1e3 * statistics.median(times[label])
+                cells.append(f"{ms:,.0f} ms" + ("" if label == "former" else
+                                                 f" ({statistics.median(times['former'][:len(times[label])]) / statistics.median(times[label]):.2f}x)"))
+            speedup = ratios(times, "both")
+            lines.append(f"| {name} | {phase} | " + " | ".join(cells) +
+                         f" | {speedup:.2f}x | {'met' if speedup >= TARGET else 'not met'} |")
+    lines += [
+        "",
+        "What each candidate gave:",
+        "",
+        "- **Fused batch normalisation** (`blocks.FusedBatchNormalization`): Keras 3 trains batch "
+        "normalisation with about ten separate ops; TensorFlow's fused kernel does it in one pass each "
+        "way. The moving averages are updated exactly as Keras does (the kernel's Bessel-corrected "
+        "variance is corrected back). 33 BN layers in each generator, 7 in each discriminator.",
+        "- **Tail before the last pixel shuffle** (`SRResNet.rearranged_tail`): the 9x9 tail on 64 "
+        "features at the output resolution becomes a 5x5 convolution on the grid before the shuffle, as a "
+        "1x5 then a 5x1 convolution; the same rearrangement the TFLite export used, now the model's own "
+        "form, so training, the Keras model and TFLite compute alike.",
+        "- **XLA** (`jit_compile=True`) on the former step: far slower on this CPU (its depthwise and "
+        "convolution backward kernels are not the oneDNN ones), so it is not used.",
+        "- Not tried further: bfloat16 mixed precision (AVX-512 BF16 is present on some of these CPUs) "
+        "changes the function's numerics, which this target excludes; NCHW layout has no CPU kernels for "
+        "most of these ops.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = parse_args(argv)
+    started = time.perf_counter()
+    results = {}
+    for name in args.models:
+        print(f"{name}: measuring", flush=True)
+        results[name] = measure(name, args)
+        for phase, times in results[name].items():
+            print(f"{name} {phase}: " + ", ".join(
+                f"{label} {1e3 * statistics.median(t):.0f} ms" for label, t in times.items() if t) +
+                f"; default {ratios(times, 'both'):.2f}x the former", flush=True)
+    text = markdown(results, args, time.perf_counter() - started)
+    print(text)
+    if not args.no_write:
+        from bench.report import update_section
+
+        update_section("train_step", text)
+
+
+if __name__ == "__main__":
+    main()

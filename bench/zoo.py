@@ -1,0 +1,252 @@
+"""Every zoo model against interpolation on the development held-out set -> docs/RESULTS.md.
+
+    python -m bench.zoo                       # all built zoo models; rewrites docs/RESULTS.md
+    python -m bench.zoo --models residual_cnn_x2 --no_write
+
+For each model in saved_models/ (``sr_tf.zoo``), the development set (real MR and CT
+images the sample set lacks: ``data_prep.samples.DEVELOPMENT_DICOMS``) is degraded as
+the model was trained (its degradation and scale, the same per-image seed as evaluate.py)
+and the model is measured beside nearest, bilinear, bicubic and Lanczos upsampling of the
+same LR: PSNR, SSIM and data consistency per image, per modality and pooled, with one
+comparison figure per model. The targets of the zoo are checked and printed as they
+stand, met or not. The README's results table is rewritten from the same figures.
+"""
+
+import argparse
+import collections
+import math
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "RESULTS.md")
+FIGURES = os.path.join(ROOT, "docs", "zoo")
+README = os.path.join(ROOT, "README.md")
+METHODS = ("model", "nearest", "bilinear", "bicubic", "lanczos")
+FIGURE_IMAGE = "MR-SIEMENS-DICOM-WithOverlays.dcm"  # the largest development image
+# Targets on the development set (pooled over its images).
+BEST_GAIN_DB = {2: 1.5, 4: 1.0}  # the best model of a scale over bicubic
+CONSISTENCY_SLACK_DB = 0.5  # a PSNR model's consistency at most this under bicubic's
+
+
+def parse_args(argv=None):
+    from sr_tf import zoo
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=None, choices=list(zoo.RECIPES),
+                        help="zoo models to evaluate (default: every built one)")
+    parser.add_argument("--no_write", action="store_true", help="print only; leave docs/ and the README alone")
+    return parser.parse_args(argv)
+
+
+def built_models(wanted=None):
+    from sr_tf import zoo
+
+    names = []
+    for name in wanted or zoo.RECIPES:
+        try:
+            zoo.resolve(name)
+            names.append(name)
+        except zoo.ZooError as exc:
+            print(f"skipping {name}: {exc}")
+    return names
+
+
+def evaluate_model(name, scratch):
+    """Per-image rows of ``name`` and the path of its comparison figure (in ``scratch``)."""
+    from sr_tf import zoo
+
+    recipe = zoo.RECIPES[name]
+    output = os.path.join(scratch, name)
+    rows, _ = zoo.evaluate(name, recipe, output, figures=64)
+    order = list(dict.fromkeys(row["image"] for row in rows))
+    wanted = next((i for i, image in enumerate(order) if image.startswith(FIGURE_IMAGE)), 0)
+    return rows, os.path.join(output, f"figure_{wanted:02d}.png")
+
+
+def _mean(rows, name, method, metric, modality=None):
+    values = [r[metric] for r in rows if r["model"] == name and r["method"] == method
+              and (modality is None or r["modality"] == modality)]
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _file_mean(rows, name, method, metric):
+    """Mean over the development files (each file weighted once, whatever its frames)."""
+    per_file = collections.defaultdict(list)
+    for r in rows:
+        if r["model"] == name and r["method"] == method and math.isfinite(r[metric]):
+            per_file[r["image"].split("#")[0]].append(r[metric])
+    return float(np.mean([np.mean(v) for v in per_file.values()])) if per_file else float("nan")
+
+
+def targets(rows, names):
+    """(line, met) for every target of the zoo on the pooled development set."""
+    from sr_tf import zoo
+
+    checks = []
+    for scale, wanted in BEST_GAIN_DB.items():
+        candidates = [n for n in names if zoo.RECIPES[n].scale == scale and zoo.RECIPES[n].kind == "psnr"
+                      and zoo.RECIPES[n].degradation == "bicubic"]
+        if not candidates:
+            continue
+        gains = {n: _mean(rows, n, "model", "psnr") - _mean(rows, n, "bicubic", "psnr") for n in candidates}
+        best = max(gains, key=gains.get)
+        checks.append((f"best x{scale} model ({best}) at least +{wanted} dB PSNR over bicubic: "
+                       f"{gains[best]:+.2f} dB", gains[best] >= wanted))
+    for name in names:
+        recipe = zoo.RECIPES[name]
+        if recipe.kind != "psnr":
+            continue
+        model = {m: _mean(rows, name, "model", m) for m in ("psnr", "ssim", "consistency_psnr")}
+        for baseline in ("bicubic", "lanczos"):
+            base = {m: _mean(rows, name, baseline, m) for m in ("psnr", "ssim")}
+            checks.append((f"{name} above {baseline} in PSNR ({model['psnr']:.2f} vs {base['psnr']:.2f} dB) and SSIM "
+                           f"({model['ssim']:.4f} vs {base['ssim']:.4f})",
+                           model["psnr"] > base["psnr"] and model["ssim"] > base["ssim"]))
+        bicubic = _mean(rows, name, "bicubic", "consistency_psnr")
+        checks.append((f"{name} consistency at most {CONSISTENCY_SLACK_DB} dB under bicubic's "
+                       f"({model['consistency_psnr']:.2f} vs {bicubic:.2f} dB)",
+                       model["consistency_psnr"] >= bicubic - CONSISTENCY_SLACK_DB))
+    return checks
+
+
+def results_table(rows, names):
+    """The headline table: every model, pooled over the development images."""
+    from sr_tf import zoo
+
+    lines = ["| model | kind | x | model PSNR / SSIM | bicubic | Lanczos | gain vs bicubic / Lanczos | "
+             "consistency model / bicubic |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        recipe = zoo.RECIPES[name]
+        psnr = {meth: _mean(rows, name, meth, "psnr") for meth in METHODS}
+        ssim = {meth: _mean(rows, name, meth, "ssim") for meth in METHODS}
+        cons = {meth: _mean(rows, name, meth, "consistency_psnr") for meth in METHODS}
+        task = f"{recipe.scale}" + (" (artifacts)" if recipe.degradation == "bilinear_artifacts" else "")
+        lines.append(
+            f"| `{name}` | {recipe.kind} | {task} | {psnr['model']:.2f} / {ssim['model']:.4f} | "
+            f"{psnr['bicubic']:.2f} / {ssim['bicubic']:.4f} | {psnr['lanczos']:.2f} / {ssim['lanczos']:.4f} | "
+            f"{psnr['model'] - psnr['bicubic']:+.2f} / {psnr['model'] - psnr['lanczos']:+.2f} dB | "
+            f"{cons['model']:.2f} / {cons['bicubic']:.2f} dB |"
+        )
+    return "\n".join(lines)
+
+
+def document(rows, names, figures, machine):
+    from data_prep import samples
+    from sr_tf import zoo
+
+    images = list(dict.fromkeys(r["image"] for r in rows))
+    lines = [
+        "# Results: the model zoo on the development held-out set",
+        "",
+        "Written by `python -m bench.zoo` from the models in `saved_models/`; do not edit by hand.",
+        "",
+        "Every model trained on the embedded sample set only (README: two CTs, one chest radiograph, the "
+        "MNI152 T1 template). The development held-out set is real images of scanners and patients the "
+        "sample set lacks: " + ", ".join(f"`{n}`" for n in samples.DEVELOPMENT_DICOMS) +
+        f" ({len(images)} images: the 10 frames of `emri_small.dcm` count as 10). Each image is degraded as "
+        "the model was trained (bicubic downsampling, antialiased; for the artifact model, x4 bicubic "
+        "downsampling then bilinear upsampling), the border of `scale` pixels is shaved, and PSNR/SSIM are "
+        "on the fixed [0, 1] range of the stored window (CT -1024..3071 HU, MR 0..99.9th percentile). "
+        "Consistency is the PSNR of the output degraded again against its own LR input: a model that "
+        "shows what the input does not hold loses there.",
+        "",
+        f"Machine of this evaluation: {machine}.",
+        "",
+        "## All development images (mean over images)",
+        "",
+        results_table(rows, names),
+        "",
+        "Mean over the four files instead (each file once, `emri_small.dcm`'s frames averaged first):",
+        "",
+        "| model | model PSNR | bicubic | Lanczos | gain vs bicubic |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        model, bicubic = _file_mean(rows, name, "model", "psnr"), _file_mean(rows, name, "bicubic", "psnr")
+        lines.append(f"| `{name}` | {model:.2f} | {bicubic:.2f} | {_file_mean(rows, name, 'lanczos', 'psnr'):.2f} | "
+                     f"{model - bicubic:+.2f} |")
+    lines += ["", "## Targets", ""]
+    for line, met in targets(rows, names):
+        lines.append(f"- {'met' if met else '**not met**'}: {line}")
+    lines += ["", "## Per modality", ""]
+    for modality in sorted({r["modality"] for r in rows}):
+        lines += [f"### {modality}", "", "| model | " + " | ".join(f"{m} PSNR / SSIM" for m in METHODS) +
+                  " | consistency model / bicubic |", "|---|" + "---|" * (len(METHODS) + 1)]
+        for name in names:
+            cells = [f"{_mean(rows, name, m, 'psnr', modality):.2f} / {_mean(rows, name, m, 'ssim', modality):.4f}"
+                     for m in METHODS]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_mean(rows, name, 'model', 'consistency_psnr', modality):.2f}"
+                         f" / {_mean(rows, name, 'bicubic', 'consistency_psnr', modality):.2f} |")
+        lines.append("")
+    lines += ["## Per image: PSNR dB (model / bicubic / Lanczos)", "",
+              "| image | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for image in images:
+        cells = []
+        for name in names:
+            got = {r["method"]: r["psnr"] for r in rows if r["model"] == name and r["image"] == image}
+            cells.append(f"{got.get('model', float('nan')):.2f} / {got.get('bicubic', float('nan')):.2f} / "
+                         f"{got.get('lanczos', float('nan')):.2f}")
+        lines.append(f"| {image} | " + " | ".join(cells) + " |")
+    lines += ["", "## Figures", "",
+              f"`{FIGURE_IMAGE}`, LR | bicubic | model | HR | |model - HR|, with a zoomed centre:", ""]
+    for name in names:
+        if name in figures:
+            lines += [f"`{name}` ({zoo.RECIPES[name].description}):", "",
+                      f"![{name}](zoo/{os.path.basename(figures[name])})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(table, readme=README):
+    """Replace the README's results table (between its results markers) with ``table``."""
+    begin, end = "<!-- results:zoo -->", "<!-- /results:zoo -->"
+    text = open(readme, encoding="utf-8").read()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        print(f"{readme} has no {begin} section; README left alone")
+        return
+    text = pattern.sub(lambda _: f"{begin}\n{table}\n{end}", text)
+    with open(readme + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(readme + ".tmp", readme)
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = parse_args(argv)
+    from bench import report
+
+    names = built_models(args.models)
+    if not names:
+        print("no zoo model is built: python zoo.py --build=all")
+        return 1
+    rows, figures = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in names:
+            print(f"evaluating {name} ...", flush=True)
+            model_rows, figure = evaluate_model(name, scratch)
+            rows += [dict(row, model=name) for row in model_rows]
+            if os.path.isfile(figure) and not args.no_write:
+                os.makedirs(FIGURES, exist_ok=True)
+                figures[name] = os.path.join(FIGURES, f"{name}.png")
+                shutil.copyfile(figure, figures[name])
+        text = document(rows, names, figures, report.machine())
+    print(results_table(rows, names))
+    for line, met in targets(rows, names):
+        print(f"{'met' if met else 'NOT MET'}: {line}")
+    if not args.no_write:
+        with open(DOC + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(DOC + ".tmp", DOC)
+        update_readme(results_table(rows, names))
+        print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
