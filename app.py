@@ -2,7 +2,7 @@
 
 Upload a DICOM, NIfTI or PNG/JPEG/TIFF X-ray (or pick an embedded sample), pick a model
 (it starts on the zoo model that gains most over bicubic for the input's modality; any
-run or export in saved_models/ or runs/, or a typed path; ``SR_APP_MODEL`` gives one to
+run or export in saved_models/exports/ or runs/, or a typed path; ``SR_APP_MODEL`` gives one to
 start with), and
 compare the input, bicubic and the model side by side on one synchronised zoom region,
 with a CT window, the |bicubic - model| map, data-consistency PSNR/SSIM (each output
@@ -25,7 +25,7 @@ from data_prep import samples
 from sr_tf import display, inference, upscaling, zoo
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODEL_ROOTS = ("saved_models", "runs")
+MODEL_ROOTS = ("saved_models/exports", "runs")  # beside the zoo models, which zoo.built() lists
 MODEL_ENV = "SR_APP_MODEL"  # a model path to start with
 OTHER_MODEL = "another path..."
 DISPLAY_SIDE = 768  # pixels of the longer side of each panel
@@ -42,12 +42,13 @@ MIME_TYPES = {"dicom": "application/dicom", "nifti": "application/octet-stream",
 KEEP_RESULTS = 3  # upscaled selections kept per browser session (a large radiograph x4 is ~0.5 GB)
 
 NO_MODEL = """\
-**No model found** in `saved_models/` or `runs/`. Build the zoo, train one, or export a trained one:
+**No model found**: no zoo model in `saved_models/`, nothing in `saved_models/exports/` or `runs/`.
+Build the zoo, train one, or export a trained one:
 
 ```sh
 python zoo.py --build=residual_cnn_x2          # -> saved_models/residual_cnn_x2/
 python train.py --model=swift_srgan            # -> runs/swift_srgan_x4/
-python export.py --model=runs/swift_srgan_x4   # -> saved_models/swift_srgan_x4/
+python export.py --model=runs/swift_srgan_x4   # -> saved_models/exports/swift_srgan_x4/
 ```
 
 or type the path of a run folder, an export folder, a `.keras` or a `.tflite` file in the
@@ -115,9 +116,7 @@ def choose_model(modality=None):
     names one."""
     st.sidebar.header("Model")
     shipped = list(zoo.built())
-    folders = {os.path.abspath(zoo.folder(name)) for name in shipped}
-    found = [path for path in display.find_models(*(os.path.join(ROOT, root) for root in MODEL_ROOTS))
-             if os.path.abspath(path) not in folders and os.path.dirname(os.path.abspath(path)) not in folders]
+    found = display.find_models(*(os.path.join(ROOT, root) for root in MODEL_ROOTS))
     typed = os.environ.get(MODEL_ENV, "")
     options = [*shipped, *found, OTHER_MODEL]
     best = zoo.best_for(modality)
@@ -132,10 +131,11 @@ def choose_model(modality=None):
     if path == OTHER_MODEL:
         path = st.sidebar.text_input(
             "Model path", typed,
-            help="A training run folder, an export folder (saved_models/NAME), a SavedModel, a .keras or a .tflite file.",
+            help="A training run folder, an export folder (saved_models/exports/NAME), a SavedModel, a .keras, "
+                 "a .tflite file or a zoo name.",
         ).strip()
     if not path:
-        st.warning(NO_MODEL if not found else "Type the path of a model in the sidebar.")
+        st.warning(NO_MODEL if not (found or shipped) else "Type the path of a model in the sidebar.")
         return None
     try:
         predictor = get_predictor(os.path.expanduser(path))

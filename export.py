@@ -19,7 +19,7 @@ from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Run folder, .keras file or zoo name (python zoo.py lists them) to export.", required=True)
-flags.DEFINE_string("output", None, "Export folder; default saved_models/<model name>. An existing folder is "
+flags.DEFINE_string("output", None, "Export folder; default saved_models/exports/<model name>. An existing folder is "
                     "replaced only if it is a previous export.")
 flags.DEFINE_string("data", None, "data_prep folder for int8 calibration and parity images; default: the run's "
                     "training data.")
@@ -60,8 +60,8 @@ def main(argv):
     name = os.path.basename(os.path.normpath(model))
     if name == "generator.keras":
         name = os.path.basename(os.path.dirname(os.path.abspath(model)))
-    default_root = "saved_models" if not zoo.is_name(FLAGS.model) else os.path.join("saved_models", "exports")
-    output = FLAGS.output or os.path.join(default_root, os.path.splitext(name)[0])
+    # Beside the zoo, never in it: saved_models/<name> is a zoo model's folder.
+    output = FLAGS.output or os.path.join("saved_models", "exports", os.path.splitext(name)[0])
     try:
         report = export.export(model, output, data=FLAGS.data, variants=FLAGS.variants or export.VARIANTS,
                                calibration_samples=FLAGS.calibration_samples, degradation=FLAGS.degradation,

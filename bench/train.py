@@ -90,6 +90,7 @@ def worker(args):
     config = loop.TrainConfig(
         model=name, scale=args.scale, data=args.records, run_dir=os.devnull, batch_size=args.batch_size,
         patch_size=args.patch_size, degradation=args.degradation, strategy="default", progress=False,
+        pretrain_steps=1,  # a GAN's adversarial step needs a pixel-trained start; one step stands for it
     )
     config.check()
     timings = {}

@@ -5,8 +5,9 @@
 
 Every configuration computes the same function on the same batch (global batch 16, HR
 patch 96, x4, the default strategy): the trainers come from
-``sr_tf.training.loop.build`` with ``train.py``'s losses, and the step is the loop's
-compiled ``strategy.run(trainer.train_step)``. The configurations:
+``sr_tf.training.loop.build`` with ``train.py``'s losses, and the step is the
+trainer's ``train_step`` compiled by ``tf.function`` (what the loop's ``strategy.run``
+calls on one device). The configurations:
 
 - ``former``: the step as it was: Keras' own batch normalisation, the tail after the
   last pixel shuffle (``fused_batch_norm=False, tail_before_shuffle=False``, generator and
@@ -18,7 +19,8 @@ compiled ``strategy.run(trainer.train_step)``. The configurations:
 - ``former, XLA``: the former pixel-loss step compiled with ``jit_compile=True`` (timed
   over fewer windows: each call is slow).
 
-Both phases are measured: ``pixel`` (the pre-training step, pixel loss only) and
+Both phases are measured: ``pixel`` (the pre-training step: pixel loss only, no
+perceptual term) and
 ``adversarial`` (generator and discriminator, with the perceptual loss on the random
 frozen backbone: the ImageNet weights are not cached here, and cost the same). The
 configurations alternate window by window; each ratio is the median over windows of the

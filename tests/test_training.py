@@ -334,3 +334,10 @@ def test_adversarial_phase_needs_a_pixel_trained_generator(tiny_records, tmp_pat
     config = tiny_config(tiny_records, tmp_path / "gan", "swift_srgan", pretrain_steps=0)
     with pytest.raises(ValueError, match="PSNR-trained generator"):
         config.check()
+
+
+def test_resume_refuses_other_settings(tiny_records, tmp_path):
+    loop.train(tiny_config(tiny_records, tmp_path / "run", steps=2))
+    other = tiny_config(tiny_records, tmp_path / "run", steps=4, resume=True, ema_decay=0.9)
+    with pytest.raises(loop.TrainingError, match=r"--ema_decay: the run has 0.0, this command 0.9.*--flagfile="):
+        loop.train(other)

@@ -114,7 +114,7 @@ def make_dataset(
         read are at most ``CACHE_AUTO_LIMIT_MB``.
       augment: training only: random intensity changes and smooth targets for the HR
         patches and faint noise on the inputs (``sr_tf.data.augment``); with
-        ``hr_only`` the input noise is left to the device step.
+        ``hr_only`` the input noise is left to the device step (the trainers add it).
 
     Raises:
       records.RecordsError: the folder or its manifest is missing or unreadable.

@@ -49,3 +49,8 @@ class ResidualCNN(SuperResolutionModel):
             "kernel_size": self.kernel_size,
             "flat_std": self.flat_std,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        # Models saved before the flat-region gate existed add their correction everywhere.
+        return cls(**{"flat_std": 0.0, **config})

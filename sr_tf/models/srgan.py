@@ -53,8 +53,8 @@ class SRResNet(SuperResolutionModel):
     * ``fused_batch_norm`` (default): batch normalisation trains with TensorFlow's fused
       kernel (``FusedBatchNormalization``).
 
-    Both are the same function up to float rounding, and together make the CPU training
-    step of Swift-SRGAN x4 about 1.6 times as fast (``bench/train.py``).
+    Both are the same function up to float rounding; what they save in the CPU training
+    step is measured by ``bench/train_step.py`` (docs/BENCHMARKS.md).
     """
 
     separable = False

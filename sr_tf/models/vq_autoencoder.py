@@ -104,3 +104,8 @@ class VQAutoencoder(SuperResolutionModel):
             "ema": self.ema,
             "flat_std": self.flat_std,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        # Models saved before the flat-region gate existed add their correction everywhere.
+        return cls(**{"flat_std": 0.0, **config})

@@ -98,8 +98,8 @@ class TrainConfig:
             raise ValueError("--pretrain_steps must be between 0 and --steps")
         if self.lr_schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"--lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError("--warmup_steps must be between 0 and --steps")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError("--warmup_steps must be at least 0 and less than --steps")
         if self.warmup_steps and self.lr_schedule != "cosine":
             raise ValueError("--warmup_steps needs --lr_schedule=cosine")
         if not 0 <= self.ema_decay < 1:
@@ -211,27 +211,31 @@ def build(config, strategy):
         if config.init_from:
             _initialise(generator, config.init_from)
         average = WeightAverage(generator.trainable_variables, config.ema_decay) if config.ema_decay else None
+        gan_model = models.is_gan(config.model)
+        perceptual = _perceptual(config)
         common = dict(
             pixel_loss=losses.PixelLoss(config.pixel_loss, weight=config.pixel_weight),
             global_batch_size=config.batch_size,
-            perceptual_loss=_perceptual(config),
             ssim_loss=losses.SSIMLoss(weight=config.ssim_weight) if config.ssim_weight else None,
             tv_loss=losses.TotalVariationLoss(weight=config.tv_weight) if config.tv_weight else None,
             degradation=config.degradation if on_device else None,
             scale=config.scale,
             seed=config.seed,
             weight_average=average,
+            augment=config.augment,
         )
         g_optimizer = _optimizer(config, config.learning_rate)
-        supervised = SupervisedTrainer(generator, **common)
+        # A GAN's pre-training is PSNR-first: its perceptual loss joins in the adversarial
+        # phase only. Other models train with every loss they are given.
+        supervised = SupervisedTrainer(generator, perceptual_loss=None if gan_model else perceptual, **common)
         supervised.compile(g_optimizer)
         discriminator = gan = None
-        if models.is_gan(config.model):
+        if gan_model:
             discriminator = models.build_discriminator(config.model, **config.discriminator_options)
             gan = GANTrainer(
                 generator, discriminator,
                 losses.AdversarialLoss(relativistic=config.relativistic, weight=config.adversarial_weight),
-                **common,
+                perceptual_loss=perceptual, **common,
             )
             gan.compile(g_optimizer, _optimizer(config, config.d_learning_rate))
         # Build every variable now, so a checkpoint restores into existing variables.
@@ -252,17 +256,22 @@ def _initialise(generator, source):
 
     from sr_tf import zoo
 
-    path = zoo.keras_path(source)
     try:
+        path = zoo.keras_path(source)
         trained = keras.saving.load_model(path, compile=False)
-    except (OSError, ValueError, TypeError) as exc:
-        raise TrainingError(f"--init_from {source}: cannot load {path} ({exc})") from exc
+    except Exception as exc:  # a missing name, a truncated zip, a foreign file: whatever the loader raises
+        raise TrainingError(f"--init_from {source}: cannot load it ({type(exc).__name__}: {exc})") from exc
     mine = [tuple(w.shape) for w in generator.weights]
     theirs = [tuple(w.shape) for w in trained.weights]
-    if type(trained) is not type(generator) or mine != theirs:
+
+    def function(model):  # what the model computes: its config but for its name
+        return {k: v for k, v in model.get_config().items() if k not in ("name", "trainable", "dtype")}
+
+    if type(trained) is not type(generator) or mine != theirs or function(trained) != function(generator):
         raise TrainingError(
             f"--init_from {source}: {type(trained).__name__} with {len(theirs)} weights does not match "
-            f"this run's {type(generator).__name__} ({len(mine)} weights); same model, scale and options needed"
+            f"this run's {type(generator).__name__} ({len(mine)} weights) or is built with other options "
+            f"({function(trained)} against {function(generator)}); same model, scale and options needed"
         )
     generator.set_weights(trained.get_weights())
 
@@ -331,6 +340,26 @@ def _write_config(config, run_dir, flags_text=None):
     if flags_text:
         with open(os.path.join(run_dir, "flags.txt"), "w", encoding="utf-8") as f:
             f.write(flags_text)
+
+
+# What a checkpoint's state depends on: a resumed run must agree on these.
+RESUME_FIELDS = ("model", "scale", "degradation", "model_options", "ema_decay", "batch_size")
+
+
+def _check_resumable(config):
+    """TrainingError when ``--resume`` would continue the run in ``config.run_dir`` with
+    another model, options or weight average than it was started with (a run of an older
+    version lacks the newer fields: their old defaults stand for them)."""
+    path = os.path.join(config.run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        started = {**dataclasses.asdict(TrainConfig()), "ema_decay": 0.0, **json.load(f)}
+    differ = [f"--{name}: the run has {started[name]!r}, this command {getattr(config, name)!r}"
+              for name in RESUME_FIELDS if started.get(name) != getattr(config, name)]
+    if differ:
+        raise TrainingError(f"cannot resume {config.run_dir} with other settings ({'; '.join(differ)}); "
+                            f"resume with its own: --flagfile={os.path.join(config.run_dir, 'flags.txt')} --resume")
 
 
 def _learning_rate(optimizer):
@@ -423,6 +452,8 @@ def train(config, flags_text=None, strategy=None):
         raise TrainingError("--max_minutes cannot be used with several workers; set --steps instead")
     is_chief, worker = _task_info(strategy)
     run_dir = config.run_dir
+    if config.resume:
+        _check_resumable(config)
     if is_chief:
         _write_config(config, run_dir, flags_text)
     built = build(config, strategy)

@@ -73,7 +73,7 @@ class _Base(keras.Model):
     """Shared input handling, loss averaging and validation for both trainers."""
 
     def __init__(self, generator, pixel_loss, global_batch_size, perceptual_loss=None, ssim_loss=None,
-                 tv_loss=None, degradation=None, scale=4, seed=0, weight_average=None, **kwargs):
+                 tv_loss=None, degradation=None, scale=4, seed=0, weight_average=None, augment=False, **kwargs):
         super().__init__(**kwargs)
         # Kept out of Keras' attribute tracking: the loop checkpoints it itself.
         object.__setattr__(self, "weight_average", weight_average)
@@ -86,6 +86,7 @@ class _Base(keras.Model):
         self.degradation = degradation  # preset name when degrading on the device
         self.scale = int(scale)
         self.seed = int(seed)
+        self.augment = bool(augment)  # faint input noise on device-made inputs, as the pipeline adds it
 
     def call(self, inputs, training=False):
         return self.generator(inputs, training=training)
@@ -100,7 +101,12 @@ class _Base(keras.Model):
         replica, _ = _replica_context()
         seed = tf.stack([tf.cast(self.seed, tf.int64) * 1000003 + tf.cast(replica, tf.int64),
                          tf.cast(step, tf.int64)])
-        return degrade.apply(self.degradation, data, self.scale, tf.cast(seed, tf.int32))
+        lr, hr = degrade.apply(self.degradation, data, self.scale, tf.cast(seed, tf.int32))
+        if self.augment:
+            from sr_tf.data import augment
+
+            lr = augment.lr_noise(lr, tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int32), 1))
+        return lr, hr
 
     def _average(self, variables):
         if self.weight_average is not None:
