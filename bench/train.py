@@ -63,7 +63,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- one model (subprocess)
 
 
-def _timed_window(call, batch_size, seconds, min_steps):
+def timed_window(call, batch_size, seconds, min_steps):
     """(patches per second, seconds per call) of ``call`` over at least ``seconds`` and ``min_steps`` calls."""
     calls, start = 0, time.perf_counter()
     while True:
@@ -163,7 +163,7 @@ def worker(args):
     for window in range(args.windows):
         order = list(calls.items()) if window % 2 == 0 else list(calls.items())[::-1]
         for key, call in order:
-            rate, per_call = _timed_window(call, args.batch_size, args.window_seconds, args.min_steps)
+            rate, per_call = timed_window(call, args.batch_size, args.window_seconds, args.min_steps)
             rates[key].append(rate)
             seconds[key].append(per_call)
             print(f"  {name} window {window + 1}: {key}: {rate:.1f} patches/s ({per_call * 1e3:.0f} ms)",

@@ -33,6 +33,8 @@ import statistics
 import sys
 import time
 
+from bench.train import timed_window
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("swift_srgan", "srgan")
 FORMER = {"fused_batch_norm": False, "tail_before_shuffle": False}
@@ -57,16 +59,6 @@ def parse_args(argv=None):
                         help="also time the former step under XLA")
     parser.add_argument("--no_write", action="store_true")
     return parser.parse_args(argv)
-
-
-def _window(call, seconds, min_calls=2):
-    calls, start = 0, time.perf_counter()
-    while True:
-        call()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and calls >= min_calls:
-            return elapsed / calls
 
 
 def measure(name, args):
@@ -111,7 +103,8 @@ def measure(name, args):
             for label, call in order:
                 if label == XLA and window >= 2:
                     continue
-                seconds[phase][label].append(_window(call, args.window_seconds))
+                _, per_call = timed_window(call, args.batch_size, args.window_seconds, 2)
+                seconds[phase][label].append(per_call)
                 print(f"  {name} {phase} window {window + 1} {label}: {seconds[phase][label][-1] * 1e3:.0f} ms",
                       file=sys.stderr, flush=True)
     return seconds

@@ -413,3 +413,25 @@ def test_sample_set_has_every_split_non_empty(tmp_path):
     assert all(manifest["counts"][split] > 0 for split in records.SPLITS), manifest["counts"]
     assert set(manifest["stats"]["modalities"]) == {"CT", "CR", "MR"}
     assert manifest["failed"] == []
+
+
+def test_broken_symlinks_fail_and_fifos_are_skipped_without_stopping_the_rest(testdata, tmp_path):
+    import threading
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(testdata("CT_small.dcm"), src / "good.dcm")
+    os.symlink(src / "gone.dcm", src / "dangling.dcm")
+    os.symlink(src / "loop.dcm", src / "loop.dcm")
+    os.mkfifo(src / "pipe")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(manifest=run([src], tmp_path / "out")), daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "data_prep waited on the FIFO"
+    manifest = result["manifest"]
+    reasons = {os.path.basename(f["input"]): f["reason"] for f in manifest["failed"]}
+    assert "broken symbolic link" in reasons["dangling.dcm"] and "broken symbolic link" in reasons["loop.dcm"]
+    skipped = {os.path.basename(s["input"]): s["reason"] for s in manifest["stats"]["skipped_files"]}
+    assert "FIFO" in skipped["pipe"], skipped
+    assert [os.path.basename(r["source"]) for r in read_all(tmp_path / "out")] == ["good.dcm"]

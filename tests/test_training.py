@@ -341,3 +341,16 @@ def test_resume_refuses_other_settings(tiny_records, tmp_path):
     other = tiny_config(tiny_records, tmp_path / "run", steps=4, resume=True, ema_decay=0.9)
     with pytest.raises(loop.TrainingError, match=r"--ema_decay: the run has 0.0, this command 0.9.*--flagfile="):
         loop.train(other)
+
+
+def test_validation_images_of_different_sizes(tmp_path, testdata):
+    """Real data mixes sizes: a 128x128 and a 64x64 validation image, and their image
+    summaries, must not stop the run at its first validation."""
+    data = tmp_path / "mixed"
+    split_map = {"1CT1": "val", "CQ500-CT-310": "train", "4MR1": "val"}
+    convert.convert([testdata(n) for n in ("CT_small.dcm", "693_UNCI.dcm", "MR_small.dcm")], str(data),
+                    convert.Options(split_map=split_map), progress=False)
+    config = tiny_config(str(data), tmp_path / "run", steps=2, eval_every=1, grid_images=2)
+    result = loop.train(config)
+    assert result["finished"] and os.path.isfile(os.path.join(config.run_dir, "generator.keras"))
+    assert len(read_metric(config.run_dir, "val", "psnr")) == 2

@@ -12,7 +12,7 @@ Run layout (``run_dir``)::
     flags.txt            the command-line flags, usable as --flagfile
     checkpoints/         last K checkpoints
     best/                the checkpoint with the best validation PSNR
-    tensorboard/         scalars and an image grid of fixed validation samples
+    tensorboard/         scalars and LR | bicubic | SR | HR images of fixed validation samples
     metrics.csv          step, phase, metric, value
     generator.keras      the final generator (its averaged weights when they measure better)
     result.json          steps, wall time, the last validation of both weight sets, which was kept
@@ -420,8 +420,9 @@ def evaluate(generator, val, scale, degradation_scale_one=False):
     return {name: float(np.mean(values)) for name, values in totals.items()}
 
 
-def _image_grid(generator, samples):
-    """Rows of [LR upsampled (nearest), bicubic, SR, HR] for fixed validation samples."""
+def _image_rows(generator, samples):
+    """One image [LR upsampled (nearest) | bicubic | SR | HR] per fixed validation sample;
+    each its own image (validation images differ in size)."""
     from sr_tf import metrics
 
     rows = []
@@ -430,7 +431,7 @@ def _image_grid(generator, samples):
         sr = tf.clip_by_value(tf.cast(generator(lr, training=False), tf.float32), 0.0, 1.0)
         row = [metrics.upsample(lr, size, "nearest"), metrics.upsample(lr, size, "bicubic"), sr, hr]
         rows.append(tf.concat(row, axis=2))
-    return tf.concat(rows, axis=0)
+    return rows
 
 
 def train(config, flags_text=None, strategy=None):
@@ -535,7 +536,8 @@ def train(config, flags_text=None, strategy=None):
                 if done % config.eval_every == 0 or last:
                     result = evaluate(generator, val, config.scale, same_size)
                     recorder.scalars(done, "val", result)
-                    recorder.images(done, "val/lr_bicubic_sr_hr", _image_grid(generator, grid_samples))
+                    for index, row in enumerate(_image_rows(generator, grid_samples)):
+                        recorder.images(done, f"val/lr_bicubic_sr_hr/{index}", row)
                     best = result["psnr"]
                     if average is not None:
                         with average.applied(generator.trainable_variables):
