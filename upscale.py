@@ -31,6 +31,8 @@ flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by 
                      "least twice the model's receptive-field radius.")
 flags.DEFINE_integer("batch_size", inference.DEFAULT_BATCH, "Tiles per model call.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_integer("max_pixels", 100_000_000, "Refuse any input image (slice, frame) whose header claims more "
+                     "pixels than this, before decoding it (0: no limit).")
 
 
 def collect_inputs(inputs, output_dir):
@@ -122,11 +124,16 @@ def main(argv):
         inference.check_tiling(FLAGS.tile, FLAGS.overlap, FLAGS.batch_size)
     except ValueError as exc:
         raise app.UsageError(str(exc)) from exc
+    if FLAGS.max_pixels < 0:
+        raise app.UsageError(f"--max_pixels must be 0 (no limit) or positive, got {FLAGS.max_pixels}")
+    from data_prep import readers
+
+    readers.max_pixels_limit = FLAGS.max_pixels
     files, failures, skipped = collect_inputs(FLAGS.input, FLAGS.output)
     try:
-        os.makedirs(FLAGS.output, exist_ok=True)
-        predictor = inference.load_predictor(FLAGS.model)
+        predictor = inference.load_predictor(FLAGS.model)  # before --output exists: a bad model writes nothing
         scale = predictor.scale
+        os.makedirs(FLAGS.output, exist_ok=True)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -36,6 +36,8 @@ flags.DEFINE_float("shard_size_mb", 100.0, "Approximate shard size in MB.")
 flags.DEFINE_integer("workers", 1, "Reader processes.")
 flags.DEFINE_bool("strict", False, "Stop at the first failed input and publish nothing.")
 flags.DEFINE_bool("keep_empty", False, "Keep constant (empty) slices instead of skipping them.")
+flags.DEFINE_integer("max_pixels", 100_000_000, "Refuse any image (slice, frame) whose header claims more pixels "
+                     "than this, before decoding it (0: no limit).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
@@ -66,6 +68,7 @@ def options_from_flags():
         workers=FLAGS.workers,
         strict=FLAGS.strict,
         keep_empty=FLAGS.keep_empty,
+        max_pixels=FLAGS.max_pixels,
     )
 
 

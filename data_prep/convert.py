@@ -42,6 +42,7 @@ class Options:
     workers: int = 1
     strict: bool = False
     keep_empty: bool = False
+    max_pixels: int = readers.DEFAULT_MAX_PIXELS  # per image (slice, frame); 0: no limit
 
     def check(self):
         for name in ("val_fraction", "test_fraction"):
@@ -56,6 +57,8 @@ class Options:
             lo, hi = self.intensity_range
             if not hi > lo:
                 raise ValueError(f"--intensity_range needs max > min, got {lo},{hi}")
+        if self.max_pixels < 0:
+            raise ValueError(f"--max_pixels must be 0 (no limit) or positive, got {self.max_pixels}")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
         for pid, split in (self.split_map or {}).items():
@@ -67,7 +70,8 @@ def split_for(patient_id, val_fraction, test_fraction, split_map=None):
     """Stable split of a patient: a SHA-256 of the id placed in [0, 1)."""
     if split_map and patient_id in split_map:
         return split_map[patient_id]
-    digest = hashlib.sha256(patient_id.encode("utf-8")).digest()
+    # surrogateescape: an id taken from a file name that is not UTF-8 hashes by its bytes.
+    digest = hashlib.sha256(patient_id.encode("utf-8", "surrogateescape")).digest()
     position = int.from_bytes(digest[:8], "big") / 2**64
     if position < test_fraction:
         return "test"
@@ -199,18 +203,19 @@ def _read_task(task, options):
     """Volumes and per-file failures of one task (runs in a worker)."""
     failures = []
     if task.kind == "dicom_series":
-        volume, failures = readers.read_dicom_series(task.paths)
+        volume, failures = readers.read_dicom_series(task.paths, options.max_pixels)
         volumes = [volume] if volume is not None else []
     elif task.kind == "dicom":
-        volumes = [readers.read_dicom(task.paths[0])]
+        volumes = [readers.read_dicom(task.paths[0], options.max_pixels)]
     elif task.kind == "nifti":
         pid = readers.patient_from_path(task.paths[0], options.patient_id_regex)
         volumes = readers.read_nifti(
-            task.paths[0], options.slice_axis, options.volume_index, options.modality, pid
+            task.paths[0], options.slice_axis, options.volume_index, options.modality, pid, options.max_pixels
         )
     else:
         pid = readers.patient_from_path(task.paths[0], options.patient_id_regex)
-        volumes = [readers.read_raster(task.paths[0], options.modality or options.raster_modality, pid)]
+        volumes = [readers.read_raster(task.paths[0], options.modality or options.raster_modality, pid,
+                                       options.max_pixels)]
     return volumes, failures
 
 

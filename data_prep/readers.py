@@ -179,8 +179,50 @@ def dicom_default_range(ds, modality, slices):
     return intensity.percentile_range(np.concatenate([s.ravel() for s in slices]))
 
 
-def dicom_to_physical(ds, path):
-    """Frames of one DICOM dataset in physical units: modality LUT, MONOCHROME1 inverted."""
+# The most pixels one image (a slice, a frame) may have; checked from the header, before
+# anything is decoded, so a small file that claims a huge image (a decompression bomb)
+# costs nothing. 100 MP is a 10000 x 10000 image, 400 MB as float32; the largest
+# radiographs are a quarter of that. 0 disables the check. upscale.py and data_prep set it
+# with --max_pixels (data_prep passes it to its workers).
+DEFAULT_MAX_PIXELS = 100_000_000
+max_pixels_limit = DEFAULT_MAX_PIXELS
+
+
+def check_pixel_count(height, width, max_pixels=None, what="image"):
+    """InputError when ``height`` x ``width`` is over ``max_pixels`` (default:
+    ``max_pixels_limit``; 0: no limit)."""
+    limit = max_pixels_limit if max_pixels is None else max_pixels
+    height, width = int(height), int(width)
+    if limit and height * width > limit:
+        raise InputError(f"{what} of {width} x {height} pixels ({height * width / 1e6:.0f} MP) is over the limit "
+                         f"of {limit / 1e6:g} MP (--max_pixels); refused before decoding")
+
+
+# Objects whose pixels are labels or indices, not intensities.
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def check_intensity_image(ds):
+    """InputError unless the dataset's pixels are intensities: a segmentation (SEG, 1-bit
+    BINARY or FRACTIONAL), 1-bit pixel data or PALETTE COLOR indices are refused, with
+    the reason, before anything is decoded."""
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality == "SEG" or str(ds.get("SOPClassUID", "")) == SEGMENTATION_STORAGE:
+        kind = str(ds.get("SegmentationType", "") or "").strip()
+        raise InputError(f"a segmentation ({kind or 'SEG'}): its pixels are labels, not image intensities")
+    if int(ds.get("BitsAllocated", 16) or 16) == 1:
+        raise InputError("1-bit pixel data (a mask or an overlay-like object), not image intensities")
+    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+        raise InputError("PALETTE COLOR pixels are indices into a colour table, not intensities")
+
+
+def dicom_to_physical(ds, path, max_pixels=None):
+    """Frames of one DICOM dataset in physical units: modality LUT, MONOCHROME1 inverted.
+    InputError for objects whose pixels are not intensities (``check_intensity_image``)
+    and for frames over ``max_pixels`` (``check_pixel_count``), before decoding."""
+    if "PixelData" in ds:
+        check_intensity_image(ds)
+    check_pixel_count(ds.get("Rows", 0) or 0, ds.get("Columns", 0) or 0, max_pixels, "a frame")
     frames = decode_dicom_frames(ds, path)
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return [f.astype(np.float64) for f in frames]
@@ -197,7 +239,7 @@ def _patient_id(ds, fallback):
     return value or fallback
 
 
-def read_dicom(path):
+def read_dicom(path, max_pixels=None):
     """One DICOM file; a multi-frame file gives one slice per frame."""
     import pydicom
 
@@ -205,7 +247,7 @@ def read_dicom(path):
         ds = pydicom.dcmread(path)
     except Exception as exc:
         raise InputError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
-    slices = dicom_to_physical(ds, path)
+    slices = dicom_to_physical(ds, path, max_pixels)
     modality = str(ds.get("Modality", "OT") or "OT").upper()
     return Volume(
         slices=slices,
@@ -228,7 +270,7 @@ def series_sort_key(header, path):
     return (1, float(number) if number is not None else 0.0, path)
 
 
-def read_dicom_series(paths):
+def read_dicom_series(paths, max_pixels=None):
     """Single-frame files of one series, already sorted; returns (volume, failures).
 
     A file that fails to decode is reported and the rest of the series kept.
@@ -240,7 +282,7 @@ def read_dicom_series(paths):
     for index, path in enumerate(paths):
         try:
             ds = pydicom.dcmread(path)
-            frames = dicom_to_physical(ds, path)
+            frames = dicom_to_physical(ds, path, max_pixels)
         except InputError as exc:
             failures.append((path, str(exc)))
             continue
@@ -284,13 +326,19 @@ def nifti_slices(data, zooms, slice_axis):
     return slices, (float(zooms[in_plane[1]]), float(zooms[in_plane[0]]))
 
 
-def read_nifti(path, slice_axis="axial", volume_index=0, modality=None, patient_id=None):
+def read_nifti(path, slice_axis="axial", volume_index=0, modality=None, patient_id=None, max_pixels=None):
     """A NIfTI file reoriented to closest canonical (RAS); returns a list of volumes."""
     import nibabel as nib
 
     try:
         image = nib.load(path)
         image = nib.as_closest_canonical(image)
+    except Exception as exc:
+        raise InputError(f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    shape = tuple(image.shape[:3]) + (1,) * (3 - len(image.shape[:3]))
+    in_plane = [shape[a] for a in range(3) if a != SLICE_AXES[slice_axis]]
+    check_pixel_count(in_plane[1], in_plane[0], max_pixels, "a slice")
+    try:
         data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float64)
     except Exception as exc:
         raise InputError(f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
@@ -351,13 +399,42 @@ def nifti_stem(path):
 # ----------------------------------------------------------------------------- raster
 
 
-def read_raster(path, modality="DX", patient_id=None):
-    """PNG (8/16 bit), JPEG or TIFF X-ray; colour converted to luminance."""
+def raster_size(data):
+    """(height, width) from a PNG/JPEG/TIFF header (Pillow reads no pixels), or None."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's own bomb warning: the caller decides
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(io.BytesIO(data)) as header:
+                    width, height = header.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+    except Exception:  # not a format Pillow knows: OpenCV will say
+        return None
+    return height, width
+
+
+def read_raster(path, modality="DX", patient_id=None, max_pixels=None):
+    """PNG (8/16 bit), JPEG or TIFF X-ray; colour converted to luminance.
+
+    The file is read as bytes and decoded from memory (so any file name works, whatever
+    its encoding), after its header's size is checked against ``max_pixels``."""
     import cv2
 
-    if os.path.getsize(path) == 0:
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
         raise InputError("empty file (0 bytes)")
-    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    size = raster_size(data)
+    if size is not None:
+        check_pixel_count(*size, max_pixels)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise InputError("not a decodable PNG/JPEG/TIFF image (truncated or corrupt?)")
     if image.ndim == 3:
@@ -376,7 +453,7 @@ def read_raster(path, modality="DX", patient_id=None):
     else:
         default = intensity.percentile_range(image)
     stem = os.path.splitext(os.path.basename(path))[0]
-    return Volume([image.astype(np.float64)], modality, patient_id or stem, path, (0.0, 0.0), default)
+    return Volume([image.astype(np.float32)], modality, patient_id or stem, path, (0.0, 0.0), default)
 
 
 def patient_from_path(path, pattern):

@@ -84,7 +84,9 @@ def serialize(record, png=None):
 
     def _bytes(value):
         if isinstance(value, str):
-            value = value.encode("utf-8")
+            # A file name that is not valid UTF-8 (its bytes decoded by Python as
+            # surrogates) is stored escaped, e.g. "ct\\udcff.dcm": valid text, never a crash.
+            value = value.encode("utf-8", "backslashreplace")
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
     def _int(value):

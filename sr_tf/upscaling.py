@@ -126,8 +126,6 @@ def _check_writable(ds):
     bits = int(ds.get("BitsAllocated", 0))
     if bits not in (8, 16, 32):
         raise readers.InputError(f"BitsAllocated {bits} (e.g. a binary segmentation) cannot be upscaled")
-    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
-        raise readers.InputError("PALETTE COLOR pixels are indices into a colour table, not intensities")
 
 
 def _load_nifti(path):

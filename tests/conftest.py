@@ -20,3 +20,21 @@ def testdata():
         return os.fspath(path)
 
     return _get
+
+
+@pytest.fixture
+def png_bomb():
+    """Writes a small PNG whose header claims ``side`` x ``side`` 8-bit pixels (a
+    decompression bomb): the first rows' data only, since a header is all a guard reads."""
+    import zlib
+
+    def chunk(kind, payload):
+        return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+    def write(path, side=32000):
+        header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+        body = zlib.compress(b"\x00" * (side + 1) * 30, 9)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+        return path
+
+    return write

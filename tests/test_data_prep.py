@@ -435,3 +435,44 @@ def test_broken_symlinks_fail_and_fifos_are_skipped_without_stopping_the_rest(te
     skipped = {os.path.basename(s["input"]): s["reason"] for s in manifest["stats"]["skipped_files"]}
     assert "FIFO" in skipped["pipe"], skipped
     assert [os.path.basename(r["source"]) for r in read_all(tmp_path / "out")] == ["good.dcm"]
+
+
+def test_a_segmentation_is_refused_and_the_rest_converts(testdata, tmp_path):
+    manifest = run([testdata("liver.dcm"), testdata("CT_small.dcm")], tmp_path / "out")
+    reasons = {os.path.basename(f["input"]): f["reason"] for f in manifest["failed"]}
+    assert "segmentation (BINARY)" in reasons["liver.dcm"] and "labels, not image intensities" in reasons["liver.dcm"]
+    assert [os.path.basename(r["source"]) for r in read_all(tmp_path / "out")] == ["CT_small.dcm"]
+
+
+def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(testdata, tmp_path, png_bomb):
+    """A small PNG whose header says 32000 x 32000 (a decompression bomb): refused from its
+    header, naming the size and the limit; the rest converts."""
+    (tmp_path / "src").mkdir()
+    bomb = png_bomb(tmp_path / "src" / "bomb.png")
+    assert bomb.stat().st_size < 100_000
+    shutil.copy(testdata("CT_small.dcm"), tmp_path / "src" / "good.dcm")
+    manifest = run([tmp_path / "src"], tmp_path / "out")
+    reasons = {os.path.basename(f["input"]): f["reason"] for f in manifest["failed"]}
+    assert ("32000 x 32000 pixels (1024 MP) is over the limit of 100 MP (--max_pixels); refused before decoding"
+            in reasons["bomb.png"])
+    assert [os.path.basename(r["source"]) for r in read_all(tmp_path / "out")] == ["good.dcm"]
+    with pytest.raises(convert.ConversionError, match=r"good.dcm: a frame of 128 x 128 pixels .* limit of 0.0001 MP"):
+        run([tmp_path / "src" / "good.dcm"], tmp_path / "out2", max_pixels=100)
+
+
+def test_file_names_that_are_not_utf8_convert(testdata, tmp_path):
+    """Names whose bytes are not UTF-8 (a DICOM and a PNG) convert; the record keeps the
+    name escaped."""
+    import cv2
+
+    src = tmp_path / "src"
+    src.mkdir()
+    dicom = os.path.join(os.fsencode(src), b"ct\xff.dcm")
+    shutil.copy(testdata("CT_small.dcm"), dicom)
+    ok, png = cv2.imencode(".png", (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64))
+    with open(os.path.join(os.fsencode(src), b"x\xff\xfe.png"), "wb") as f:
+        f.write(png.tobytes())
+    manifest = run([src], tmp_path / "out")
+    assert not manifest["failed"]
+    names = sorted(os.path.basename(r["source"]) for r in read_all(tmp_path / "out"))
+    assert names == ["ct\\udcff.dcm", "x\\udcff\\udcfe.png"]

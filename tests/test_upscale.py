@@ -560,3 +560,29 @@ def test_cli_report_and_exit_codes(testdata, tiny_model, tmp_path):
     report = json.loads((tmp_path / "none" / "upscale_report.json").read_text())
     assert report["written"] == 0 and {item["status"] for item in report["files"]} == {"failed"}
     assert any("no such file" in item["error"] for item in report["files"])
+    # A model that cannot be loaded: the error names it, and --output is not even created.
+    broken = _cli(f"--model={tmp_path / 'no_model.keras'}", f"--input={testdata('CT_small.dcm')}",
+                  f"--output={tmp_path / 'never'}")
+    assert broken.returncode == 1 and "no_model.keras" in broken.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_decompression_bomb_and_odd_file_names(testdata, nearest, tmp_path, png_bomb):
+    """A PNG claiming 32000 x 32000 pixels is refused from its header; files whose names
+    are not UTF-8 upscale like any other, and the report names them."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    bomb = png_bomb(folder / "bomb.png")
+    dicom = os.path.join(os.fsencode(folder), b"ct\xff.dcm")
+    shutil.copy(testdata("CT_small.dcm"), dicom)
+    ok, png = cv2.imencode(".png", (np.arange(48 * 40) % 251).astype(np.uint8).reshape(48, 40))
+    raster = os.path.join(os.fsencode(folder), b"x\xff\xfe.png")
+    with open(raster, "wb") as f:
+        f.write(png.tobytes())
+    with pytest.raises(upscaling.UpscaleError, match=r"bomb\.png: image of 32000 x 32000 pixels .*\(--max_pixels\)"):
+        upscaling.load(str(bomb))
+    reports = [upscaling.upscale_file(nearest, os.fsdecode(path), tmp_path / "out") for path in (dicom, raster)]
+    assert [r["status"] for r in reports] == ["ok", "ok"], reports
+    written = sorted(os.listdir(os.fsencode(tmp_path / "out")))
+    assert written == [b"ct\xff_x2.dcm", b"x\xff\xfe_x2.png"]
+    json.dumps(reports)  # the report can be written
