@@ -32,6 +32,8 @@ flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR tile overlap.")
 flags.DEFINE_integer("max_images", 0, "Evaluate at most this many images (0: all).")
 flags.DEFINE_integer("figures", 4, "Comparison figures for the first N images.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("verify_shards", True, "Check every shard's SHA-256 against the manifest first "
+                  "(sizes are always checked).")
 
 
 def latest_run(root="runs"):
@@ -56,6 +58,7 @@ def main(argv):
             data=FLAGS.data or trained.get("data") or os.path.join("tfrecords", "samples"),
             split=FLAGS.split, scale=scale, degradation=degradation, seed=FLAGS.seed, tile=FLAGS.tile,
             overlap=FLAGS.overlap, max_images=FLAGS.max_images, figures=FLAGS.figures,
+            verify_shards=FLAGS.verify_shards,
         )
         if FLAGS.output:
             output = FLAGS.output

@@ -68,6 +68,8 @@ flags.DEFINE_integer("log_every", 10, "Logging interval in steps.")
 flags.DEFINE_string("model_options", "{}", "JSON of model constructor options, e.g. '{\"num_blocks\": 8}'.")
 flags.DEFINE_string("discriminator_options", "{}", "JSON of discriminator options, e.g. '{\"filters\": 32}'.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("verify_shards", True, "Check every shard's SHA-256 against the manifest before training "
+                  "(sizes are always checked); false skips the hashing for very large data.")
 
 # The sample-set short schedule: about 10 minutes on a 2-core CPU. Ten minutes leave no
 # room for a useful adversarial phase, so it is all pixel loss (a GAN phase needs a
@@ -129,6 +131,7 @@ def config_from_flags():
         warmup_steps=(FLAGS.warmup_steps if FLAGS.warmup_steps is not None else
                       (steps // 20 if FLAGS.lr_schedule == "cosine" else 0)),
         ema_decay=FLAGS.ema_decay, augment=FLAGS.augment, init_from=FLAGS.init_from or "",
+        verify_shards=FLAGS.verify_shards,
         mixed_precision=FLAGS.mixed_precision, strategy=FLAGS.strategy, seed=FLAGS.seed, resume=FLAGS.resume,
         checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
         eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, model_options=model_options,

@@ -9,7 +9,6 @@ after the new manifest is in place.
 """
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -21,14 +20,6 @@ from sr_tf import records
 _OWN_FILE = re.compile(
     r"^\.?(train|val|test)-\d{5}-\d{8}T\d{6}-[0-9a-f]{6}" + re.escape(records.SHARD_SUFFIX) + r"(\.incomplete)?$"
 )
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json_atomic(path, payload):
@@ -107,7 +98,7 @@ class ShardWriter:
                 "split": split,
                 "records": n_records,
                 "bytes": os.path.getsize(final),
-                "sha256": _sha256(final),
+                "sha256": records.file_sha256(final),
             }
         )
 

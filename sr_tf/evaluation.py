@@ -50,6 +50,7 @@ class EvalConfig:
     overlap: int = inference.DEFAULT_OVERLAP
     max_images: int = 0  # 0: all
     figures: int = 4
+    verify_shards: bool = True  # check the shards' SHA-256 against the manifest first
 
 
 def _lr_and_hr(example, config):
@@ -115,7 +116,8 @@ def run(predictor, config, output_dir, progress=True):
     if total == 0:
         raise EvaluationError(f"{config.data}: the {config.split!r} split has no records")
     divisor = degrade.target_divisor(config.degradation, config.scale)
-    examples = pipeline.make_eval_dataset(config.data, config.split, multiple_of=divisor)
+    examples = pipeline.make_eval_dataset(config.data, config.split, multiple_of=divisor,
+                                          verify_checksums=config.verify_shards)
     if config.max_images:
         examples = examples.take(config.max_images)
         total = min(total, config.max_images)

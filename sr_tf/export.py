@@ -50,7 +50,6 @@ any other folder, or one holding the input model, is refused.
 
 import contextlib
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -410,11 +409,7 @@ def _file_entry(folder, relative):
     if os.path.isdir(path):
         size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
         return {"path": relative + "/", "bytes": size}
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": relative, "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    return {"path": relative, "bytes": os.path.getsize(path), "sha256": records.file_sha256(path)}
 
 
 def model_card(name, model, training, settings, data, validation, files):

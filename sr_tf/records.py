@@ -179,22 +179,51 @@ def read_manifest(records_dir):
     return manifest
 
 
-def shard_files(records_dir, split, manifest=None):
+def file_sha256(path):
+    """Hex SHA-256 of a file, read in 1 MB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# (path, size, mtime) -> SHA-256 of the shards already checked in this process, so that
+# the training and validation pipelines of one run hash each shard once.
+_CHECKED = {}
+
+
+def shard_files(records_dir, split, manifest=None, checksums=False):
     """Absolute paths of the shards the manifest lists for ``split``, in order.
 
-    Only listed shards are trusted: a stray or half-written file is never read.
+    Only listed shards are trusted: a stray or half-written file is never read. Every
+    shard's size is checked against the manifest, and with ``checksums`` its SHA-256
+    too (each shard once per process), so a truncated, corrupt or swapped shard is named
+    with what is wrong before anything trains on it (RecordsError).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     manifest = manifest if manifest is not None else read_manifest(records_dir)
-    files = [
-        os.path.join(os.fspath(records_dir), shard["file"])
-        for shard in manifest["shards"]
-        if shard["split"] == split
-    ]
+    entries = [shard for shard in manifest["shards"] if shard["split"] == split]
+    files = [os.path.join(os.fspath(records_dir), shard["file"]) for shard in entries]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise RecordsError(f"{records_dir}: manifest lists missing shard(s): {missing}")
+    for path, shard in zip(files, entries):
+        size = os.path.getsize(path)
+        if "bytes" in shard and size != shard["bytes"]:
+            raise RecordsError(f"{path}: {size} bytes, the manifest says {shard['bytes']} "
+                               "(truncated, grown or replaced since it was written); convert again")
+        if checksums and "sha256" in shard:
+            key = (path, size, os.stat(path).st_mtime_ns)
+            if key not in _CHECKED:
+                _CHECKED[key] = file_sha256(path)
+            if _CHECKED[key] != shard["sha256"]:
+                raise RecordsError(f"{path}: its SHA-256 differs from the manifest's (corrupt, or another "
+                                   "shard copied over it); convert again, or pass --verify_shards=false to "
+                                   "read it anyway")
     return files
 
 

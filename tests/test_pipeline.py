@@ -305,3 +305,42 @@ def test_bad_inputs_raise_clear_errors(folder, kwargs, message, data, tmp_path):
     assert isinstance(error.value, records.RecordsError)
     if folder in ("missing", "no_manifest", "flat"):
         assert records_dir in str(error.value)
+
+
+def test_shards_are_checked_against_the_manifest(tmp_path, testdata, monkeypatch):
+    """A truncated, corrupted or swapped shard is named with what is wrong before any
+    batch is made; the SHA-256 check can be skipped for very large data."""
+    import shutil
+
+    from data_prep import convert
+
+    out = tmp_path / "records"
+    split_map = {"1CT1": "train", "CQ500-CT-310": "train", "4MR1": "val"}
+    convert.convert([testdata(n) for n in ("CT_small.dcm", "693_UNCI.dcm", "MR_small.dcm")], str(out),
+                    convert.Options(split_map=split_map), progress=False)
+    train_shard = records.shard_files(out, "train")[0]
+    val_shard = records.shard_files(out, "val")[0]
+    pristine = open(train_shard, "rb").read()
+    assert pipeline.make_dataset(out, "train", 2, 32, 2) is not None
+
+    with open(train_shard, "wb") as f:
+        f.write(pristine[:-500])
+    with pytest.raises(records.RecordsError, match=r"train-.*bytes, the manifest says \d+ \(truncated"):
+        pipeline.make_dataset(out, "train", 2, 32, 2)
+    corrupt = bytearray(pristine)
+    corrupt[4000:4016] = bytes(16)
+    with open(train_shard, "wb") as f:
+        f.write(bytes(corrupt))
+    with pytest.raises(records.RecordsError, match=r"train-.*SHA-256 differs from the manifest's"):
+        pipeline.make_eval_dataset(out, "train")
+    hashed = []
+    monkeypatch.setattr(records, "file_sha256", lambda path: hashed.append(path) or "")
+    records._CHECKED.clear()
+    with open(train_shard, "wb") as f:
+        f.write(pristine)
+    pipeline.make_dataset(out, "train", 2, 32, 2, verify_checksums=False)
+    assert not hashed  # skipped: no shard is read twice for very large data
+    monkeypatch.undo()
+    shutil.copyfile(val_shard, train_shard)  # a val shard under a train shard's name
+    with pytest.raises(records.RecordsError, match=os.path.basename(train_shard)):
+        pipeline.make_dataset(out, "train", 2, 32, 2)

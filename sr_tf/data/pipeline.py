@@ -79,6 +79,7 @@ def make_dataset(
     repeat=None,
     cache="auto",
     augment=False,
+    verify_checksums=True,
 ):
     """Batches of ``(lr, hr)`` float32 in [0, 1] from a data_prep output folder.
 
@@ -112,6 +113,8 @@ def make_dataset(
       cache: True keeps the decoded images (training) or the finished examples (other
         splits) in memory after the first pass, False never, ``"auto"`` when the shards
         read are at most ``CACHE_AUTO_LIMIT_MB``.
+      verify_checksums: check every shard's SHA-256 against the manifest first (sizes
+        are always checked); False skips the hashing for very large data.
       augment: training only: random intensity changes and smooth targets for the HR
         patches and faint noise on the inputs (``sr_tf.data.augment``); with
         ``hr_only`` the input noise is left to the device step (the trainers add it).
@@ -132,7 +135,7 @@ def make_dataset(
         raise DatasetError(
             f"whole images (patch_size=None) differ in size: use 1 image per replica, got {per_replica}"
         )
-    share = _Share(records_dir, split, input_context)
+    share = _Share(records_dir, split, input_context, verify_checksums)
     if seed is None and not training:
         seed = 0  # evaluation batches are always repeatable
     deterministic = seed is not None
@@ -197,7 +200,7 @@ def make_dataset(
     return _with_options(batches.prefetch(AUTOTUNE), deterministic)
 
 
-def make_eval_dataset(records_dir, split="test", multiple_of=1, input_context=None):
+def make_eval_dataset(records_dir, split="test", multiple_of=1, input_context=None, verify_checksums=True):
     """Whole images of ``split`` with their metadata, one at a time, in a fixed order.
 
     Each element is the ``records.parse`` dict (``image`` float32 (H, W, 1) in [0, 1],
@@ -206,13 +209,13 @@ def make_eval_dataset(records_dir, split="test", multiple_of=1, input_context=No
     ``multiple_of`` > 1 both images are centre-cropped to the largest multiple of it;
     ``height`` and ``width`` are then the cropped size and ``crop_offset`` (row, col)
     says where the crop starts in the stored image. ``input_context`` shares the
-    records among input pipelines as ``make_dataset`` does.
+    records among input pipelines as ``make_dataset`` does; ``verify_checksums`` as there.
     """
     if split not in records.SPLITS:
         raise DatasetError(f"split must be one of {records.SPLITS}, got {split!r}")
     if not isinstance(multiple_of, int) or multiple_of < 1:
         raise DatasetError(f"multiple_of must be a positive int, got {multiple_of!r}")
-    share = _Share(records_dir, split, input_context)
+    share = _Share(records_dir, split, input_context, verify_checksums)
     examples = share.records(shuffle_files=False, deterministic=True, seed=0)
     examples = examples.map(records.parse, num_parallel_calls=AUTOTUNE, deterministic=True)
     if multiple_of > 1:
@@ -259,11 +262,11 @@ def _check_options(records_dir, split, scale, patch_size, batch_size, degradatio
 class _Share:
     """The shards (or records) of one split that one input pipeline reads."""
 
-    def __init__(self, records_dir, split, input_context):
+    def __init__(self, records_dir, split, input_context, verify_checksums=True):
         self.records_dir = os.fspath(records_dir)
         self.split = split
         manifest = records.read_manifest(self.records_dir)
-        files = records.shard_files(self.records_dir, split, manifest)
+        files = records.shard_files(self.records_dir, split, manifest, checksums=verify_checksums)
         if records.record_count(self.records_dir, split, manifest) == 0 or not files:
             raise DatasetError(
                 f"{self.records_dir}: split {split!r} has no records (manifest counts: {manifest.get('counts')})"

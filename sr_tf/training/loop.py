@@ -68,6 +68,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # decay of the generator's weight average; 0: no average
     augment: bool = False  # intensity / smoothness / input-noise augmentation (sr_tf.data.augment)
     init_from: str = ""  # a generator (.keras, run folder or zoo name) whose weights start the run
+    verify_shards: bool = True  # check the shards' SHA-256 against the manifest before training
     mixed_precision: bool = False
     strategy: str = "auto"
     seed: int = 0
@@ -294,12 +295,13 @@ def _datasets(config, strategy):
         return pipeline.make_dataset(
             config.data, "train", config.scale, config.patch_size, config.batch_size,
             degradation=config.degradation, seed=config.seed, hr_only=on_device, input_context=input_context,
-            augment=config.augment,
+            augment=config.augment, verify_checksums=config.verify_shards,
         )
 
     train = strategy.distribute_datasets_from_function(train_fn)
     val = pipeline.make_dataset(
         config.data, "val", config.scale, None, 1, degradation=config.degradation, seed=config.seed,
+        verify_checksums=config.verify_shards,
     ).take(config.eval_max_images)
     return train, val
 
