@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import re
+import socket
 import uuid
 
 from sr_tf import records
@@ -32,10 +33,63 @@ def write_json_atomic(path, payload):
     os.replace(tmp, path)
 
 
+LOCK_NAME = ".data_prep.lock"
+
+
+class OutputLockedError(OSError):
+    """Another conversion holds the output folder."""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def acquire_lock(output_dir):
+    """Take ``output_dir``'s lock file (the owner's pid, host and start time), or raise
+    OutputLockedError naming the owner. A lock left by a process of this host that no
+    longer runs is taken over; one from another host is only reported (it may be live)."""
+    path = os.path.join(output_dir, LOCK_NAME)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(),
+             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    held = json.load(f)
+            except (OSError, ValueError):
+                held = {}
+            pid, host = held.get("pid"), held.get("host")
+            if host == owner["host"] and isinstance(pid, int) and not _alive(pid):
+                try:
+                    os.remove(path)  # stale: its process is gone
+                except FileNotFoundError:
+                    pass
+                continue
+            raise OutputLockedError(
+                f"{output_dir}: another data_prep is writing here (pid {pid} on {host}, since "
+                f"{held.get('started', 'an unknown time')}); wait for it, or choose another --output. "
+                f"If no such process runs, remove {path}"
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(owner, f)
+        return path
+    raise OutputLockedError(f"{output_dir}: could not take the lock {path}")
+
+
 class ShardWriter:
     """Writes serialized records into per-split shards of about ``shard_size_mb``.
 
-    Use as a context manager; on an exception nothing is published and the previous
+    Use as a context manager: it holds the output folder's lock (``acquire_lock``) from
+    entry to exit, so a second conversion into the same folder is refused instead of
+    deleting this one's shards; on an exception nothing is published and the previous
     output (if any) is left as it was.
     """
 
@@ -52,16 +106,23 @@ class ShardWriter:
         self._shards = []
         self._open = {}  # split -> [writer, tmp_path, final_name, n_records, n_bytes]
         self._next_index = {split: 0 for split in records.SPLITS}
+        self._lock = None
         os.makedirs(self.output_dir, exist_ok=True)
 
     def __enter__(self):
+        self._lock = acquire_lock(self.output_dir)
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        try:
+            if exc_type is None:
+                self.close()
+            else:
+                self.abort()
+        finally:
+            if self._lock is not None:
+                os.remove(self._lock)
+                self._lock = None
         return False
 
     def add(self, split, serialized):

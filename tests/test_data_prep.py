@@ -334,18 +334,22 @@ KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
     from data_prep.writer import ShardWriter
-    writer = ShardWriter(sys.argv[1], shard_size_mb=0.0005)
-    payload = bytes(400)
-    for i in range(10**6):
-        writer.add("train", payload)
-        if i == 3:
-            print("started", flush=True)
-        time.sleep(0.002)
+    with ShardWriter(sys.argv[1], shard_size_mb=0.0005) as writer:
+        payload = bytes(400)
+        for i in range(10**6):
+            writer.add("train", payload)
+            if i == 3:
+                print("started", flush=True)
+            time.sleep(0.002)
     """
 )
 
 
 def test_writer_killed_mid_shard_leaves_nothing_listed_incomplete(testdata, tmp_path):
+    """Also: while a conversion runs, a second one into the same folder is refused (the
+    first one's shards survive); the killed run's lock is taken over by the next run."""
+    from data_prep.writer import LOCK_NAME, OutputLockedError
+
     out = tmp_path / "out"
     run([testdata("CT_small.dcm")], out)
     before = records.read_manifest(out)
@@ -354,6 +358,9 @@ def test_writer_killed_mid_shard_leaves_nothing_listed_incomplete(testdata, tmp_
     )
     assert proc.stdout.readline().strip() == "started"
     time.sleep(1.0)
+    with pytest.raises(OutputLockedError, match=rf"another data_prep is writing here \(pid {proc.pid} on "):
+        run([testdata("MR_small.dcm")], out)
+    assert records.read_manifest(out) == before
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     leftovers = [n for n in os.listdir(out) if n.endswith(".incomplete") or n.startswith("train-") and n not in
@@ -364,10 +371,9 @@ def test_writer_killed_mid_shard_leaves_nothing_listed_incomplete(testdata, tmp_
     for shard in after["shards"]:
         path = out / shard["file"]
         assert os.path.getsize(path) == shard["bytes"]
-        from data_prep.writer import _sha256
-
-        assert _sha256(path) == shard["sha256"]
-    # The next run cleans up what the killed one left.
+        assert records.file_sha256(path) == shard["sha256"]
+    # The next run takes over the dead run's lock and cleans up what it left.
+    assert (out / LOCK_NAME).exists()
     manifest = run([testdata("CT_small.dcm")], out)
     assert set(os.listdir(out)) == {records.MANIFEST_NAME} | {s["file"] for s in manifest["shards"]}
 
