@@ -171,10 +171,10 @@ def plan_tasks(files, explicit=()):
             (failures if broken or os.path.abspath(path) in explicit else skipped).append((path, reason))
             continue
         kind = readers.detect_format(path)
-        if kind is None:
+        if os.path.getsize(path) == 0:  # whatever its name says it is
+            (failures if kind or os.path.abspath(path) in explicit else skipped).append((path, "empty file (0 bytes)"))
+        elif kind is None:
             reason = "unknown format (not DICOM, NIfTI, PNG, JPEG or TIFF)"
-            if os.path.getsize(path) == 0:
-                reason = "empty file (0 bytes)"
             (failures if os.path.abspath(path) in explicit else skipped).append((path, reason))
         elif kind == "dicom":
             try:

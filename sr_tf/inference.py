@@ -210,8 +210,12 @@ def _name(path, card):
 def _load_keras(path, config, card):
     import keras
 
+    import zipfile
+
     import sr_tf.models  # noqa: F401  (registers the model classes for deserialisation)
 
+    if not zipfile.is_zipfile(path):  # Keras says "File not found" for a truncated archive
+        raise ValueError(f"{path}: not a valid .keras archive (truncated, or not a Keras model file)")
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # zip, JSON and deserialisation errors of every kind

@@ -37,6 +37,7 @@ import dataclasses
 import gzip
 import io
 import os
+import re
 import time
 import uuid
 
@@ -579,6 +580,20 @@ def _refuse_input(image_path, target):
         raise UpscaleError(f"{image_path}: refusing to overwrite the input with its output")
 
 
+def _remove_stale_temporaries(folder, name):
+    """Remove the partial files an interrupted (killed) earlier write of ``name`` left:
+    ``.<name>.<8 hex>.tmp``, the names only :func:`write` makes, older than a minute (so a
+    write of the same name running right now in another process is left alone)."""
+    pattern = re.compile(r"^\." + re.escape(name) + r"\.[0-9a-f]{8}\.tmp$")
+    for entry in os.listdir(folder):
+        path = os.path.join(folder, entry)
+        try:
+            if pattern.match(entry) and time.time() - os.path.getmtime(path) > 60:
+                os.remove(path)
+        except OSError:
+            pass
+
+
 def write(image, upscaled, predictor, output_path, slices=None):
     """Write the upscaled slices in the input's own format to ``output_path`` (under a
     temporary name, then renamed; never over the input). Returns the path."""
@@ -586,6 +601,7 @@ def write(image, upscaled, predictor, output_path, slices=None):
     _refuse_input(image.path, target)
     folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)
+    _remove_stale_temporaries(folder, os.path.basename(target))
     temporary = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "xb") as f:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where zoo models are looked up and built; SR_TF_ZOO overrides it.
@@ -166,6 +167,8 @@ def load(name):
     import sr_tf.models  # noqa: F401  (registers the model classes)
 
     path = keras_path(name)
+    if not zipfile.is_zipfile(path):
+        raise ZooError(f"zoo model {name!r}: {path} cannot be loaded (not a valid .keras archive: truncated?)")
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as exc:  # a truncated zip, a foreign file: whatever the loader raises

@@ -284,6 +284,7 @@ def test_bad_inputs_are_reported_and_good_ones_survive(testdata, tmp_path):
     ds.Rows, ds.Columns, ds.PixelData = 0, 0, b""
     ds.save_as(src / "zero.dcm")
     (src / "empty.png").write_bytes(b"")
+    (src / "empty.dcm").write_bytes(b"")
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
     nan = np.ones((8, 8, 3), np.float32)
     nan[2, 2, 1] = np.nan
@@ -298,6 +299,7 @@ def test_bad_inputs_are_reported_and_good_ones_survive(testdata, tmp_path):
     assert "no pixel data" in reasons["rtplan.dcm"] and "RTPLAN" in reasons["rtplan.dcm"]
     assert "zero-size" in reasons["zero.dcm"]
     assert "empty file" in reasons["empty.png"]
+    assert reasons["empty.dcm"] == "empty file (0 bytes)"
     assert "not a decodable" in reasons["broken.png"]
     assert "NaN or Inf" in reasons["nan.nii.gz"]
     assert "unknown format" in reasons["notes.txt"]

@@ -519,6 +519,14 @@ def test_bad_files_are_reported_by_name_and_do_not_stop_the_others(testdata, nea
     for report in reports[:3]:
         assert report["input"] in report["error"]
     assert os.listdir(tmp_path / "out") == ["CT_small_x2.dcm"]  # no temporary files left behind
+    # A write killed earlier left a partial file of its own: the next write of that name removes it.
+    stale = tmp_path / "out" / ".CT_small_x2.dcm.0123abcd.tmp"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    keep = tmp_path / "out" / ".notes.tmp"  # not one of ours
+    keep.write_bytes(b"")
+    assert upscaling.upscale_file(nearest, testdata("CT_small.dcm"), tmp_path / "out")["status"] == "ok"
+    assert sorted(os.listdir(tmp_path / "out")) == [".notes.tmp", "CT_small_x2.dcm"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libjpeg") is not None, reason="pylibjpeg-libjpeg is installed")

@@ -57,6 +57,8 @@ def test_unknown_missing_and_corrupt_zoo_models_fail_clearly(scratch_zoo):
     keras_file.write_bytes(keras_file.read_bytes()[:300])
     with pytest.raises(zoo.ZooError, match=f"{NAME}.*generator.keras cannot be loaded"):
         models.pretrained(NAME)
+    with pytest.raises(ValueError, match=r"generator\.keras: not a valid \.keras archive"):
+        inference.load_predictor(NAME)
 
 
 def _run(script, *args, zoo_dir):
