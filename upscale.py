@@ -52,8 +52,15 @@ def collect_inputs(inputs, output_dir):
     files, skipped = [], []
     for path in found:
         named = os.path.abspath(path) in explicit
+        problem = readers.not_a_regular_file(path)
         if not named and os.path.abspath(path).startswith(output_root):
             skipped.append({"input": path, "reason": "inside the output folder"})
+        elif problem is not None:  # a broken link fails; a FIFO, socket or device is never opened
+            broken, reason = problem
+            if broken or named:
+                failures.append({"input": path, "status": "failed", "output": None, "error": f"{path}: {reason}"})
+            else:
+                skipped.append({"input": path, "reason": reason})
         elif readers.detect_format(path) is None:
             reason = "unknown format (expected DICOM, NIfTI .nii/.nii.gz, or PNG/JPEG/TIFF)"
             if named:

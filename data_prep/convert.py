@@ -14,7 +14,6 @@ import json
 import logging
 import multiprocessing
 import os
-import stat
 
 import numpy as np
 
@@ -137,23 +136,6 @@ def expand_inputs(inputs):
     return unique, missing
 
 
-def _not_a_regular_file(path):
-    """``(broken, reason)`` when ``path`` is not a regular file that can be read (broken
-    is True for a symbolic link that leads nowhere or in a loop), else None. Checked
-    before anything opens the file: opening a FIFO would wait for a writer forever."""
-    try:
-        mode = os.stat(path).st_mode  # follows symbolic links
-    except OSError as exc:
-        if os.path.islink(path):
-            return True, f"broken symbolic link ({exc.strerror or exc}): its target cannot be read"
-        return True, f"cannot read the file ({exc.strerror or exc})"
-    if not stat.S_ISREG(mode):
-        what = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-        return False, f"{what}: only regular files are read"
-    return None
-
-
 def plan_tasks(files, explicit=()):
     """Group files into tasks; returns (tasks, failures, skipped).
 
@@ -165,7 +147,7 @@ def plan_tasks(files, explicit=()):
     tasks, failures, skipped = [], [], []
     series = collections.defaultdict(list)
     for path in files:
-        problem = _not_a_regular_file(path)
+        problem = readers.not_a_regular_file(path)
         if problem is not None:
             broken, reason = problem
             (failures if broken or os.path.abspath(path) in explicit else skipped).append((path, reason))

@@ -9,6 +9,7 @@ raise :class:`InputError` with a reason a user can act on; the caller names the 
 import dataclasses
 import os
 import re
+import stat
 
 import numpy as np
 
@@ -47,6 +48,23 @@ class Volume:
             self.slice_indices = list(range(len(self.slices)))
         if self.slice_sources is None:
             self.slice_sources = [self.source] * len(self.slices)
+
+
+def not_a_regular_file(path):
+    """``(broken, reason)`` when ``path`` is not a regular file that can be read (broken
+    is True for a symbolic link that leads nowhere or in a loop), else None. Checked
+    before anything opens the file: opening a FIFO would wait for a writer forever."""
+    try:
+        mode = os.stat(path).st_mode  # follows symbolic links
+    except OSError as exc:
+        if os.path.islink(path):
+            return True, f"broken symbolic link ({exc.strerror or exc}): its target cannot be read"
+        return True, f"cannot read the file ({exc.strerror or exc})"
+    if not stat.S_ISREG(mode):
+        what = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        return False, f"{what}: only regular files are read"
+    return None
 
 
 def detect_format(path):

@@ -594,3 +594,17 @@ def test_a_decompression_bomb_and_odd_file_names(testdata, nearest, tmp_path, pn
     written = sorted(os.listdir(os.fsencode(tmp_path / "out")))
     assert written == [b"ct\xff_x2.dcm", b"x\xff\xfe_x2.png"]
     json.dumps(reports)  # the report can be written
+
+
+def test_special_files_in_an_input_folder_are_never_opened(testdata, tmp_path):
+    import upscale
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(testdata("CT_small.dcm"), folder / "ct.dcm")
+    os.mkfifo(folder / "pipe.dcm")
+    os.symlink(folder / "gone.dcm", folder / "dangling.dcm")
+    files, failures, skipped = upscale.collect_inputs([str(folder)], str(tmp_path / "out"))
+    assert [os.path.basename(p) for p in files] == ["ct.dcm"]
+    assert any("pipe.dcm" in s["input"] and "FIFO" in s["reason"] for s in skipped), skipped
+    assert any("dangling.dcm" in f["input"] and "broken symbolic link" in f["error"] for f in failures), failures
