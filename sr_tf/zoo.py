@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -91,7 +92,8 @@ RECIPES = {
         Recipe("vq_autoencoder_x4_artifacts", "vq_autoencoder", 4,
                "VQ autoencoder that removes the artifacts of x4 bilinear interpolation (same size in and out)",
                (*_PSNR, "--steps=3000", "--batch_size=8", "--patch_size=64", "--learning_rate=5e-4",
-                "--eval_every=1000", "--checkpoint_every=1000", "--max_minutes=15"),
+                '--model_options={"filters": 64}', "--eval_every=1000", "--checkpoint_every=1000",
+                "--max_minutes=15"),
                degradation="bilinear_artifacts"),
         Recipe("swift_srgan_x4_gan", "swift_srgan", 4,
                "Swift-SRGAN x4 fine-tuned adversarially from swift_srgan_x4 (perceptual: judge by its consistency)",
@@ -343,7 +345,7 @@ def package(name, say=print):
             kind=recipe.kind,
             form=_form(model_card.get("training") or {}),
             reproduce=f"python zoo.py --build={name}",
-            command=" ".join(["python", "train.py", *built["command"][2:]]),
+            command=shlex.join(["python", "train.py", *built["command"][2:]]),
             seed=0,
             init_from=recipe.init_from,
             trained={"steps": result["step"], "timed_out": result["timed_out"],
