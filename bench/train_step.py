@@ -159,8 +159,17 @@ def markdown(results, args, wall):
         "features at the output resolution becomes a 5x5 convolution on the grid before the shuffle, as a "
         "1x5 then a 5x1 convolution; the same rearrangement the TFLite export used, now the model's own "
         "form, so training, the Keras model and TFLite compute alike.",
-        "- **XLA** (`jit_compile=True`) on the former step: far slower on this CPU (its depthwise and "
-        "convolution backward kernels are not the oneDNN ones), so it is not used.",
+        "- **XLA** (`jit_compile=True`) on the former pixel step: slower on this CPU, far slower for "
+        "Swift-SRGAN (its depthwise and convolution backward kernels are not the oneDNN ones), so it is "
+        "not used.",
+        "- **PSNR-first pre-training** (a change of the loss, so not in the table): a GAN's pixel-loss "
+        "phase no longer computes its perceptual loss, which joins with the discriminator. Measured by "
+        "this benchmark before that change, on the same machine, the former pixel step with its "
+        "perceptual term took 317 ms (Swift-SRGAN, MobileNetV2) and 1,365 ms (SRGAN, VGG19); the "
+        "default pixel step above is 2.0 and 4.2 times as fast as those.",
+        "- **SRGAN's 16 dense residual blocks** are most of its step: 3x3 convolutions of 64 channels "
+        "that oneDNN already runs at about 100 GFLOP/s here; what remains beyond the two changes "
+        "above would change the numerics (bfloat16).",
         "- Not tried further: bfloat16 mixed precision (AVX-512 BF16 is present on some of these CPUs) "
         "changes the function's numerics, which this target excludes; NCHW layout has no CPU kernels for "
         "most of these ops.",

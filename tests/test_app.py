@@ -296,6 +296,11 @@ def test_the_page_upscales_downloads_and_survives_a_bad_upload(app_server, brows
     ActionChains(browser).send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT).perform()
     _wait(browser, lambda d: _idle(d) and [c for c in _texts(d, '[data-testid="stImageCaption"]')
                                            if "64 x 64 px region" in c], "the zoomed panels")
+    # The screenshot once the rerun's images are all decoded and the previous run's gone.
+    _wait(browser, lambda d: _idle(d) and len(d.find_elements("css selector", '[data-testid="stImage"] img')) == 4
+          and d.execute_script("return Array.from(document.querySelectorAll('[data-testid=\"stImage\"] img'))"
+                               ".every(i => i.complete && i.naturalWidth > 0)"), "the zoomed images to load")
+    time.sleep(1.0)
     shot = tmp_path / "app.png"
     browser.save_screenshot(str(shot))
     if os.environ.get("SR_APP_SCREENSHOT"):

