@@ -122,11 +122,6 @@ def _recipe(name):
     return RECIPES[name]
 
 
-def is_name(source):
-    """True when ``source`` names a zoo model rather than a path that exists."""
-    return isinstance(source, str) and not os.path.exists(source) and source in RECIPES
-
-
 def looks_like_name(source):
     """A plain word (no folder, no extension) that does not exist as a path."""
     text = os.fspath(source)
