@@ -84,17 +84,11 @@ SAMPLE_MAX_MINUTES = 9.0
 
 def ensure_samples():
     """Build the embedded sample set once."""
-    from data_prep import convert, samples
-    from sr_tf import records
+    from sr_tf import records, zoo
 
-    try:
-        records.read_manifest(SAMPLES_DIR)
-        return
-    except records.RecordsError:
-        pass
-    print(f"building the embedded sample set in {SAMPLES_DIR} ...", flush=True)
-    options = convert.Options(split_map=dict(samples.SAMPLE_SPLITS))
-    convert.convert(samples.sample_paths(), SAMPLES_DIR, options, progress=FLAGS.progress)
+    if not os.path.isfile(os.path.join(SAMPLES_DIR, records.MANIFEST_NAME)):
+        print(f"building the embedded sample set in {SAMPLES_DIR} ...", flush=True)
+    zoo.sample_records(SAMPLES_DIR, progress=FLAGS.progress)
 
 
 def config_from_flags():

@@ -59,6 +59,11 @@ class Recipe:
     kind: str = "psnr"  # psnr: trained for fidelity | perceptual: adversarially fine-tuned
     init_from: str = None  # a zoo model this one is fine-tuned from
 
+    @property
+    def seed(self):
+        """The training seed (``--seed=`` in the flags; train.py's default 0 otherwise)."""
+        return next((int(f.split("=", 1)[1]) for f in self.flags if f.startswith("--seed=")), 0)
+
     def command(self, run_dir):
         """The exact training command line (as a list of arguments)."""
         args = [sys.executable, os.path.join(ROOT, "train.py"), f"--model={self.model}", f"--scale={self.scale}",
@@ -228,36 +233,36 @@ def machine():
             "python": platform.python_version(), "tensorflow": tf.__version__}
 
 
+def _records(folder, paths, split_map, progress=False):
+    """The records in ``folder``, converted from ``paths`` with ``split_map`` when the
+    folder holds no readable manifest yet; returns the manifest."""
+    from data_prep import convert
+    from sr_tf import records
+
+    try:
+        return records.read_manifest(folder)
+    except records.RecordsError:
+        pass
+    return convert.convert(paths(), folder, convert.Options(split_map=dict(split_map)), progress=progress)
+
+
 def development_records():
     """The development held-out set as records (built once into ``DEVELOPMENT_DIR``),
     every image in the ``test`` split."""
-    from data_prep import convert, samples
-    from sr_tf import records
+    from data_prep import samples
 
-    try:
-        manifest = records.read_manifest(DEVELOPMENT_DIR)
-        if manifest.get("counts", {}).get("test"):
-            return DEVELOPMENT_DIR
-    except records.RecordsError:
-        pass
-    options = convert.Options(split_map=dict(samples.DEVELOPMENT_SPLITS))
-    manifest = convert.convert(samples.development_paths(), DEVELOPMENT_DIR, options, progress=False)
-    counts = manifest["counts"]
-    if counts.get("train") or counts.get("val"):
-        raise ZooError(f"{DEVELOPMENT_DIR}: development images outside the test split ({counts})")
+    counts = _records(DEVELOPMENT_DIR, samples.development_paths, samples.DEVELOPMENT_SPLITS)["counts"]
+    if counts.get("train") or counts.get("val") or not counts.get("test"):
+        raise ZooError(f"{DEVELOPMENT_DIR}: the development images must all be in the test split ({counts})")
     return DEVELOPMENT_DIR
 
 
-def sample_records():
-    from data_prep import convert, samples
-    from sr_tf import records
+def sample_records(folder=SAMPLES_DIR, progress=False):
+    """The embedded sample set as records in ``folder`` (converted once); returns the folder."""
+    from data_prep import samples
 
-    try:
-        records.read_manifest(SAMPLES_DIR)
-    except records.RecordsError:
-        convert.convert(samples.sample_paths(), SAMPLES_DIR, convert.Options(split_map=dict(samples.SAMPLE_SPLITS)),
-                        progress=False)
-    return SAMPLES_DIR
+    _records(folder, samples.sample_paths, samples.SAMPLE_SPLITS, progress)
+    return folder
 
 
 def evaluate(source, recipe, output_dir, figures=0):
@@ -341,7 +346,7 @@ def package(name, say=print):
             form=_form(model_card.get("training") or {}),
             reproduce=f"python zoo.py --build={name}",
             command=shlex.join(["python", "train.py", *built["command"][2:]]),
-            seed=0,
+            seed=recipe.seed,
             init_from=recipe.init_from,
             trained={"steps": result["step"], "timed_out": result["timed_out"],
                      "train_seconds": result["train_seconds"], "wall_seconds": built["wall_seconds"],

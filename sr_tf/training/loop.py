@@ -18,6 +18,7 @@ Run layout (``run_dir``)::
     result.json          steps, wall time, the last validation of both weight sets, which was kept
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -565,13 +566,11 @@ def train(config, flags_text=None, strategy=None):
         bar.close()
         recorder.close()
     finished = int(step.numpy()) >= config.steps or timed_out
-    kept = "average" if average is not None and averaged is not None and result is not None and (
-        averaged["psnr"] > result["psnr"]) else "trained"
+    # averaged is only measured when there is an average.
+    kept = "average" if averaged and result and averaged["psnr"] > result["psnr"] else "trained"
     if finished and is_chief:
-        if kept == "average":
-            with average.applied(generator.trainable_variables):
-                generator.save(os.path.join(run_dir, "generator.keras"))
-        else:
+        weights = average.applied(generator.trainable_variables) if kept == "average" else contextlib.nullcontext()
+        with weights:
             generator.save(os.path.join(run_dir, "generator.keras"))
         from data_prep.writer import write_json_atomic
 
