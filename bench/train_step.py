@@ -9,13 +9,18 @@ patch 96, x4, the default strategy): the trainers come from
 trainer's ``train_step`` compiled by ``tf.function`` (what the loop's ``strategy.run``
 calls on one device). The configurations:
 
-- ``former``: the step as it was: Keras' own batch normalisation, the tail after the
-  last pixel shuffle (``fused_batch_norm=False, tail_before_shuffle=False``, generator and
-  discriminator);
+- ``former``: the step as it was: Keras' own batch normalisation and PReLU, the tail
+  after the last pixel shuffle (``fused_batch_norm=False, fused_prelu=False,
+  tail_before_shuffle=False``, generator and discriminator), and the perceptual loss's
+  backbone run once on targets and predictions joined (``JoinedPerceptualLoss``);
 - ``+ fused BN``: batch normalisation trained with TensorFlow's fused kernel;
 - ``+ tail before shuffle``: the last PReLU and 9x9 tail run before the final pixel
   shuffle (``SRResNet.rearranged_tail``);
-- ``both`` (today's default);
+- ``+ fused PReLU``: PReLU trained with its hand-written gradient (``blocks.FusedPReLU``);
+- ``+ split perceptual``: targets and predictions through the backbone in two calls
+  (``losses.PerceptualLoss``), so that its backward pass runs through the predictions
+  only (adversarial phase; the pixel phase has no perceptual term);
+- ``all`` (today's default);
 - ``former, XLA``: the former pixel-loss step compiled with ``jit_compile=True`` (timed
   over fewer windows: each call is slow).
 
@@ -37,13 +42,18 @@ from bench.train import timed_window
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("swift_srgan", "srgan")
-FORMER = {"fused_batch_norm": False, "tail_before_shuffle": False}
+FORMER = {"fused_batch_norm": False, "tail_before_shuffle": False, "fused_prelu": False}
+JOINED = "joined_perceptual"  # not a model option: the bench swaps the former perceptual loss in
 CONFIGS = {
-    "former": FORMER,
-    "+ fused BN": {"fused_batch_norm": True, "tail_before_shuffle": False},
-    "+ tail before shuffle": {"fused_batch_norm": False, "tail_before_shuffle": True},
-    "both": {"fused_batch_norm": True, "tail_before_shuffle": True},
+    "former": {**FORMER, JOINED: True},
+    "+ fused BN": {**FORMER, "fused_batch_norm": True, JOINED: True},
+    "+ tail before shuffle": {**FORMER, "tail_before_shuffle": True, JOINED: True},
+    "+ fused PReLU": {**FORMER, "fused_prelu": True, JOINED: True},
+    "+ split perceptual": {**FORMER, JOINED: False},
+    "all": {"fused_batch_norm": True, "tail_before_shuffle": True, "fused_prelu": True, JOINED: False},
 }
+DEFAULT = "all"
+PIXEL_ONLY_SKIPS = ("+ split perceptual",)  # the pixel phase has no perceptual term: the same as former
 XLA = "former, XLA"
 TARGET = 1.5
 
@@ -61,6 +71,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+class JoinedPerceptualLoss:
+    """The former perceptual loss: the backbone run once on targets and predictions joined
+    in one batch, the targets' half stopped after it (so the backward pass still ran
+    through both halves). The same values as ``losses.PerceptualLoss``."""
+
+    def __init__(self, loss):
+        self.loss = loss
+
+    def __call__(self, y_true, y_pred):
+        from keras import ops
+
+        batch = ops.shape(y_true)[0]
+        both = self.loss.features(ops.concatenate([ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")], axis=0))
+        target, prediction = ops.stop_gradient(both[:batch]), both[batch:]
+        return self.loss.weight * ops.mean(ops.square(prediction - target), axis=(1, 2, 3))
+
+
 def measure(name, args):
     """{phase: {configuration: [seconds per step, one per window]}} for model ``name``."""
     import tensorflow as tf
@@ -73,22 +100,27 @@ def measure(name, args):
     steps = {"pixel": {}, "adversarial": {}}
     configs = dict(CONFIGS)
     if args.xla:
-        configs[XLA] = FORMER
+        configs[XLA] = CONFIGS["former"]
     built_all = {}
     for label, options in configs.items():  # every build first: loop.build re-seeds (clears tf.function caches)
         if label == XLA:
             built_all[label] = built_all["former"]
             continue
+        model_options = {key: value for key, value in options.items() if key != JOINED}
         config = loop.TrainConfig(model=name, scale=4, data=records, run_dir=os.devnull, batch_size=args.batch_size,
                                   patch_size=args.patch_size, strategy="default", progress=False,
-                                  perceptual_weights="random", model_options=dict(options),
+                                  perceptual_weights="random", model_options=model_options,
                                   discriminator_options={"fused_batch_norm": options["fused_batch_norm"]},
                                   pretrain_steps=1)
-        built_all[label] = loop.build(config, tf.distribute.get_strategy())
+        built_all[label] = built = loop.build(config, tf.distribute.get_strategy())
+        if options[JOINED]:
+            built["gan"].perceptual_loss = JoinedPerceptualLoss(built["gan"].perceptual_loss)
     for label, built in built_all.items():
         for phase, trainer in (("pixel", built["supervised"]), ("adversarial", built["gan"])):
             if label == XLA and phase == "adversarial":
                 continue  # compiling the perceptual backbone's step alone takes minutes
+            if label in PIXEL_ONLY_SKIPS and phase == "pixel":
+                continue
             step = tf.function(trainer.train_step, jit_compile=label == XLA)
             steps[phase][label] = lambda step=step: float(step(batch)["loss"])
     seconds = {phase: {label: [] for label in calls} for phase, calls in steps.items()}
@@ -116,6 +148,18 @@ def ratios(times, label):
     return statistics.median(a / b for a, b in pairs)
 
 
+def srgan_pixel_gflop(batch, patch, filters=64, blocks=16, scale=4):
+    """Convolution GFLOP of SRGAN's x4 pixel step (forward, input and weight gradients:
+    three times the forward count; the head's input gradient is not needed, and is
+    negligible anyway)."""
+    lr = (patch // scale) ** 2 * batch
+    body = (2 * blocks + 1) * lr * 9 * filters * filters
+    head = lr * 81 * filters
+    upsample = lr * 9 * filters * 4 * filters + 4 * lr * 9 * filters * 4 * filters
+    tail = 4 * lr * 25 * 4 * filters  # 5x5 before the last shuffle, 4 outputs per pixel
+    return 3 * 2 * (body + head + upsample + tail) / 1e9
+
+
 def markdown(results, args, wall):
     from bench.report import machine
     from sr_tf import zoo
@@ -130,23 +174,25 @@ def markdown(results, args, wall):
         f"Median ms per step over {args.windows} alternating windows of at least {args.window_seconds:g} s "
         "(XLA: 2 windows); speed-up = median of the within-window ratios former / configuration.",
         "",
-        "| model | phase | former | + fused BN | + tail before shuffle | both (default) | former, XLA | "
-        f"speed-up of the default | {TARGET}x target |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model | phase | configuration | ms per step | speed-up over former |",
+        "|---|---|---|---:|---:|",
     ]
+    summary = ["", f"| model | phase | speed-up of the default | {TARGET}x target |", "|---|---|---:|---|"]
     for name, seconds in results.items():
         for phase, times in seconds.items():
-            cells = []
             for label in (*CONFIGS, XLA):
                 if label not in times or not times[label]:
-                    cells.append("n/a")
                     continue
                 ms = 1e3 * statistics.median(times[label])
-                cells.append(f"{ms:,.0f} ms" + ("" if label == "former" else
-                                                 f" ({statistics.median(times['former'][:len(times[label])]) / statistics.median(times[label]):.2f}x)"))
-            speedup = ratios(times, "both")
-            lines.append(f"| {name} | {phase} | " + " | ".join(cells) +
-                         f" | {speedup:.2f}x | {'met' if speedup >= TARGET else 'not met'} |")
+                speed = "" if label == "former" else f"{ratios(times, label):.2f}x"
+                shown = f"{label} (default)" if label == DEFAULT else label
+                lines.append(f"| {name} | {phase} | {shown} | {ms:,.0f} | {speed} |")
+            speedup = ratios(times, DEFAULT)
+            summary.append(f"| {name} | {phase} | {speedup:.2f}x | {'met' if speedup >= TARGET else 'not met'} |")
+    lines += summary
+    srgan_gflop = srgan_pixel_gflop(args.batch_size, args.patch_size)
+    default_ms = statistics.median(results["srgan"]["pixel"][DEFAULT]) if "srgan" in results else None
+    srgan_rate = f"{srgan_gflop / default_ms:,.0f} GFLOP/s" if default_ms else "a rate not measured in this run"
     lines += [
         "",
         "What each candidate gave:",
@@ -159,20 +205,35 @@ def markdown(results, args, wall):
         "features at the output resolution becomes a 5x5 convolution on the grid before the shuffle, as a "
         "1x5 then a 5x1 convolution; the same rearrangement the TFLite export used, now the model's own "
         "form, so training, the Keras model and TFLite compute alike.",
+        "- **Fused PReLU** (`blocks.FusedPReLU`): Keras writes PReLU as `relu(x) - a * relu(-x)`, five "
+        "element-wise passes forward and about seven backward; a hand-written gradient does the same "
+        "function in three and four. 19 PReLUs in each x4 generator; in the Keras model and TFLite the "
+        "inference graph stays Keras' own (the converter's PRELU pattern).",
+        "- **Split perceptual loss** (`losses.PerceptualLoss`): the backbone ran once on targets and "
+        "predictions joined and the targets' half was stopped after it, so the backward pass still ran "
+        "through both halves (with a zero gradient for the targets); two calls run it through the "
+        "predictions only. The backbone runs in inference mode, image by image: the same values. It "
+        "matters for VGG19 (SRGAN), whose 16 convolutions up to `block5_conv4` are most of the "
+        "adversarial step, and little for MobileNetV2 (Swift-SRGAN), which is light.",
         "- **XLA** (`jit_compile=True`) on the former pixel step: slower on this CPU, far slower for "
         "Swift-SRGAN (its depthwise and convolution backward kernels are not the oneDNN ones), so it is "
         "not used.",
         "- **PSNR-first pre-training** (a change of the loss, so not in the table): a GAN's pixel-loss "
         "phase no longer computes its perceptual loss, which joins with the discriminator. Measured by "
         "this benchmark before that change, on the same machine, the former pixel step with its "
-        "perceptual term took 317 ms (Swift-SRGAN, MobileNetV2) and 1,365 ms (SRGAN, VGG19); the "
-        "default pixel step above is 2.0 and 4.2 times as fast as those.",
-        "- **SRGAN's 16 dense residual blocks** are most of its step: 3x3 convolutions of 64 channels "
-        "that oneDNN already runs at about 100 GFLOP/s here; what remains beyond the two changes "
-        "above would change the numerics (bfloat16).",
-        "- Not tried further: bfloat16 mixed precision (AVX-512 BF16 is present on some of these CPUs) "
-        "changes the function's numerics, which this target excludes; NCHW layout has no CPU kernels for "
-        "most of these ops.",
+        "perceptual term took 317 ms (Swift-SRGAN, MobileNetV2) and 1,365 ms (SRGAN, VGG19).",
+        "- **What is left of SRGAN's step is convolution arithmetic.** Its pixel step is 33 dense 3x3 "
+        "convolutions of 64 channels on the LR grid and two sub-pixel convolutions of 64 to 256 "
+        f"channels (the second on the 2x grid): {srgan_gflop / 3:.0f} GFLOP forward at batch "
+        f"{args.batch_size} and HR {args.patch_size}, {srgan_gflop:.0f} forward and backward, which the "
+        f"default step runs at {srgan_rate}, near what two cores can do in float32. Its adversarial step adds VGG19 to `block5_conv4` on 32 images of 96 x 96 "
+        "(about 7 GFLOP each) and the backward pass through 16 of them. A profile of the default "
+        "pixel step puts oneDNN's convolution kernels (forward, and backward for inputs and weights) "
+        "at about 85 % of its op time. Running the input gradient as a forward convolution with the "
+        "flipped kernel (measured alone: as fast as oneDNN's own backward kernel) and the 9x9 head as "
+        "patches and a matrix product (3.5 times slower) gave nothing; what remains would change the "
+        "numerics (bfloat16, whose AVX-512 instructions this CPU has), which this target excludes.",
+        "- Not tried further: NCHW layout (no CPU kernels for the pixel shuffle).",
     ]
     return "\n".join(lines)
 
@@ -188,7 +249,7 @@ def main(argv=None):
         for phase, times in results[name].items():
             print(f"{name} {phase}: " + ", ".join(
                 f"{label} {1e3 * statistics.median(t):.0f} ms" for label, t in times.items() if t) +
-                f"; default {ratios(times, 'both'):.2f}x the former", flush=True)
+                f"; default {ratios(times, DEFAULT):.2f}x the former", flush=True)
     text = markdown(results, args, time.perf_counter() - started)
     print(text)
     if not args.no_write:

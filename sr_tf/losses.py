@@ -141,10 +141,12 @@ class PerceptualLoss:
         return _float32(self.extractor(preprocess(images * 255.0), training=False))
 
     def __call__(self, y_true, y_pred):
-        batch = ops.shape(y_true)[0]
-        both = self.features(ops.concatenate([_float32(y_true), _float32(y_pred)], axis=0))
-        target, prediction = ops.stop_gradient(both[:batch]), both[batch:]
-        return self.weight * _per_sample_mean(ops.square(prediction - target))
+        # Two calls rather than one on both batches joined: the backbone runs in inference
+        # mode, image by image, so it is the same function, and the backward pass then runs
+        # through the predictions' half only (joined, it ran through both, the targets'
+        # half with a zero gradient).
+        target = ops.stop_gradient(self.features(y_true))
+        return self.weight * _per_sample_mean(ops.square(self.features(y_pred) - target))
 
 
 def _feature_extractor(backbone, weights_path, seed):

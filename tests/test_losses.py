@@ -146,3 +146,19 @@ def test_gradients_are_finite(make, random_perceptual):
             value = tf.reduce_sum(loss(y_true, y_pred))
         grad = tape.gradient(value, y_pred)
         assert np.isfinite(float(value)) and np.all(np.isfinite(grad.numpy()))
+
+
+def test_perceptual_loss_is_per_image_and_differentiates_the_prediction_only(random_perceptual):
+    """Targets and predictions go through the backbone in two calls: the same per-image
+    values as one call on both batches joined, and gradients for the prediction alone."""
+    rng = np.random.default_rng(3)
+    hr = tf.constant(rng.random((2, 40, 40, 1), dtype=np.float32))
+    sr = tf.constant(rng.random((2, 40, 40, 1), dtype=np.float32))
+    joined = random_perceptual.features(tf.concat([hr, sr], axis=0))
+    expected = random_perceptual.weight * tf.reduce_mean(tf.square(joined[2:] - joined[:2]), axis=[1, 2, 3])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([hr, sr])
+        value = random_perceptual(hr, sr)
+    np.testing.assert_allclose(value, expected, rtol=1e-4)
+    assert tape.gradient(value, hr) is None
+    assert float(tf.reduce_max(tf.abs(tape.gradient(value, sr)))) > 0

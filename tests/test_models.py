@@ -280,3 +280,66 @@ def test_models_saved_before_the_residual_form_load_as_published():
     from sr_tf.models.swift_srgan import SwiftSRResNet
 
     assert SwiftSRResNet.from_config(config).residual is False
+
+
+def _step_values(model, lr, hr):
+    """Output, loss gradients and the batch-norm moving statistics after one training call."""
+    with tf.GradientTape() as tape:
+        out = model(lr, training=True)
+        loss = tf.reduce_mean(tf.abs(out - hr))
+    grads = tape.gradient(loss, model.trainable_variables)
+    moving = [w.numpy() for w in model.weights if "moving" in w.path]
+    return out.numpy(), [g.numpy() for g in grads], moving
+
+
+@pytest.mark.parametrize("name", ["srgan", "swift_srgan"])
+def test_fast_options_compute_the_same_training_step(name):
+    """Fused batch norm, fused PReLU and the tail before the shuffle change how, not what,
+    the generator computes: the same output, the same gradients for every weight (slopes
+    and batch-norm scales included) and the same moving statistics as Keras' own layers
+    with the tail after the shuffle."""
+    keras.utils.set_random_seed(4)
+    fast = models.build(name, scale=4, filters=8, num_blocks=2)
+    rng = np.random.default_rng(2)
+    lr, hr = images((2, 10, 11, 1), seed=5), images((2, 40, 44, 1), seed=6)
+    fast(lr)
+    # Weights away from their initial values (zero tail, unit slopes' ratio, gamma 1), so
+    # that every term of every gradient is exercised.
+    fast.set_weights([w + rng.normal(0, 0.1, w.shape).astype(np.float32) if "moving" not in p else w
+                      for w, p in zip(fast.get_weights(), (v.path for v in fast.weights))])
+    former = type(fast).from_config({**fast.get_config(), "fused_batch_norm": False, "fused_prelu": False,
+                                     "tail_before_shuffle": False})
+    former(lr)
+    former.set_weights(fast.get_weights())
+    assert not isinstance(former.body[0].act, blocks.FusedPReLU)
+    assert not isinstance(former.body[0].bn1, blocks.FusedBatchNormalization)
+    out_fast, grads_fast, moving_fast = _step_values(fast, lr, hr)
+    out_former, grads_former, moving_former = _step_values(former, lr, hr)
+    np.testing.assert_allclose(out_fast, out_former, atol=2e-5)
+    assert len(grads_fast) == len(grads_former) > 20
+    for variable, a, b in zip(fast.trainable_variables, grads_fast, grads_former):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * max(1.0, np.abs(b).max()), err_msg=variable.path)
+    for a, b in zip(moving_fast, moving_former):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fused_prelu_matches_keras_prelu(dtype):
+    """Forward and gradients (inputs and slopes) as ``keras.layers.PReLU``, also under a
+    float16 policy; at inference it is Keras' own graph."""
+    x = tf.constant(np.random.default_rng(0).normal(0, 1, (3, 5, 6, 4)), dtype)
+    upstream = tf.constant(np.random.default_rng(1).normal(0, 1, (3, 5, 6, 4)), dtype)
+    results = []
+    for kind in (blocks.FusedPReLU, keras.layers.PReLU):
+        layer = kind(alpha_initializer=keras.initializers.Constant(0.25), shared_axes=[1, 2], dtype=dtype)
+        layer.build(x.shape)
+        layer.alpha.assign(np.linspace(-0.5, 1.5, 4).reshape(1, 1, 4))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y * upstream, "float32"))
+        dx, dalpha = tape.gradient(loss, [x, layer.alpha])
+        results.append((y.numpy(), dx.numpy(), dalpha.numpy(), layer(x, training=False).numpy()))
+    tolerance = 1e-6 if dtype == "float32" else 2e-2
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=tolerance, atol=tolerance)

@@ -24,6 +24,7 @@ from sr_tf.models.blocks import (
     gate_radius,
     num_doublings,
     prelu,
+    prelu_apply,
     serializable,
 )
 
@@ -45,22 +46,24 @@ class SRResNet(SuperResolutionModel):
     * ``residual=False``: the published form, ``(tanh(tail) + 1) / 2`` (Swift-SRGAN's
       head), trained from random initialisation.
 
-    The output is float32. Two options change how, not what, the network computes:
+    The output is float32. Three options change how, not what, the network computes:
 
     * ``tail_before_shuffle`` (default): the last PReLU and the 9x9 tail run on the grid
       before the last pixel shuffle (``rearranged_tail``), so no 64-channel tensor is
       made at the output resolution;
     * ``fused_batch_norm`` (default): batch normalisation trains with TensorFlow's fused
-      kernel (``FusedBatchNormalization``).
+      kernel (``FusedBatchNormalization``);
+    * ``fused_prelu`` (default): PReLU trains with a hand-written gradient in fewer
+      element-wise passes (``FusedPReLU``).
 
-    Both are the same function up to float rounding; what they save in the CPU training
+    All are the same function up to float rounding; what they save in the CPU training
     step is measured by ``bench/train_step.py`` (docs/BENCHMARKS.md).
     """
 
     separable = False
 
     def __init__(self, scale=4, channels=1, filters=64, num_blocks=16, residual=True, flat_std=DEFAULT_FLAT_STD,
-                 tail_before_shuffle=True, fused_batch_norm=True, **kwargs):
+                 tail_before_shuffle=True, fused_batch_norm=True, fused_prelu=True, **kwargs):
         super().__init__(scale=scale, channels=channels, **kwargs)
         self.filters = filters
         self.num_blocks = num_blocks
@@ -68,17 +71,19 @@ class SRResNet(SuperResolutionModel):
         self.flat_std = flat_std
         self.tail_before_shuffle = bool(tail_before_shuffle)
         self.fused_batch_norm = bool(fused_batch_norm)
+        self.fused_prelu = bool(fused_prelu)
         sep = self.separable
         self.head = conv2d(filters, 9, separable=sep, name="head")
-        self.head_act = prelu(name="head_prelu")
+        self.head_act = prelu(self.fused_prelu, name="head_prelu")
         self.body = [
-            ResidualBlock(filters, separable=sep, fused_batch_norm=fused_batch_norm, name=f"block_{i}")
+            ResidualBlock(filters, separable=sep, fused_batch_norm=fused_batch_norm, fused_prelu=self.fused_prelu,
+                          name=f"block_{i}")
             for i in range(num_blocks)
         ]
         self.body_conv = conv2d(filters, 3, use_bias=False, separable=sep, name="body_conv")
         self.body_bn = batch_norm(fused_batch_norm, name="body_bn")
         self.upsample = [
-            UpsampleBlock(filters, separable=sep, icnr=self.residual, name=f"upsample_{i}")
+            UpsampleBlock(filters, separable=sep, icnr=self.residual, fused_prelu=self.fused_prelu, name=f"upsample_{i}")
             for i in range(num_doublings(scale))
         ]
         self.tail = conv2d(channels, 9, separable=sep, initializer="zeros" if self.residual else None, name="tail")
@@ -96,15 +101,15 @@ class SRResNet(SuperResolutionModel):
             last.built = True
             self.tail.build(features)
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         x = self.trunk(inputs)
         if not self.upsample:
             return self.finish(inputs, self.tail(x))
         if self.tail_before_shuffle:
-            return self.finish(inputs, self.rearranged_tail(x))
+            return self.finish(inputs, self.rearranged_tail(x, training=training))
         return self.finish(inputs, self.tail(self.upsample[-1](x)))
 
-    def rearranged_tail(self, x):
+    def rearranged_tail(self, x, training=False):
         """``tail(upsample[-1](x))`` computed on the grid before the last pixel shuffle.
 
         The last block is ``PReLU(depth_to_space(conv(x)))``. A per-channel PReLU commutes
@@ -118,7 +123,7 @@ class SRResNet(SuperResolutionModel):
         last = self.upsample[-1]
         u = last.conv(x)
         slopes = ops.tile(ops.reshape(ops.convert_to_tensor(last.act.alpha), (1, 1, -1)), (1, 1, 4))
-        u = ops.relu(u) + ops.cast(-slopes, u.dtype) * ops.relu(-u)
+        u = prelu_apply(u, slopes, training=bool(training) and self.fused_prelu and last.act.trainable)
         kernel = subpixel_kernel(dense_kernel(self.tail))
         out = row_factored_conv(u, kernel)
         if self.tail.use_bias:
@@ -155,6 +160,7 @@ class SRResNet(SuperResolutionModel):
             "flat_std": self.flat_std,
             "tail_before_shuffle": self.tail_before_shuffle,
             "fused_batch_norm": self.fused_batch_norm,
+            "fused_prelu": self.fused_prelu,
         }
 
     @classmethod
