@@ -95,7 +95,7 @@ class SavedModelPredictor(Predictor):
         import tensorflow as tf
 
         super().__init__(path, name, config, card)
-        self.projection = _baked_projection(card)
+        self.projection = _baked_projection(card, "saved_model")
         self.module = tf.saved_model.load(path)
         signature = self.module.signatures.get("serving_default")
         if signature is None:
@@ -123,7 +123,8 @@ class TFLitePredictor(Predictor):
         from ai_edge_litert.interpreter import Interpreter
 
         super().__init__(path, name, config, card)
-        self.projection = _baked_projection(card)
+        form = os.path.splitext(os.path.basename(path))[0].removeprefix("model_")
+        self.projection = _baked_projection(card, form)
         try:
             self.interpreter = Interpreter(model_path=path, num_threads=threads or os.cpu_count())
         except (ValueError, RuntimeError) as exc:
@@ -166,11 +167,15 @@ class ProjectedPredictor(Predictor):
         return np.asarray(self._project(batch, self.inner.predict(batch)), np.float32)
 
 
-def _baked_projection(card):
-    """The projection an exported graph includes, as its model card records it."""
+def _baked_projection(card, form):
+    """The projection the exported ``form`` (``saved_model``, ``float16``, ...) includes,
+    as its model card records it; None when it includes none."""
     from sr_tf import consistency
 
-    return consistency.Projection.from_card((card or {}).get("consistency"))
+    entry = (card or {}).get("consistency") or {}
+    if form not in entry.get("forms", [form]):
+        return None
+    return consistency.Projection.from_card(entry)
 
 
 def projection_for(predictor, iterations=None, step=None):
