@@ -153,7 +153,10 @@ def test_every_family_exports_builtin_only(family, options, variants, run_dir, t
     the fixture's records as ``data``: builtin ops only, parity targets met; int8 too for
     the two that add their output to an in-model bicubic upsampling (its division and the
     full [0, 1] output range are where int8 is hardest)."""
+    import keras
+
     keras_file = tmp_path / f"{family}.keras"
+    keras.utils.set_random_seed(0)  # the int8 parity of random weights varies with them (41-55 dB at seeds 0-3)
     model = models.build(family, scale=2, **options)
     if family == "residual_cnn":
         # Random weights predict a 5-10 % correction everywhere; a trained model's is small
