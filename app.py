@@ -6,7 +6,8 @@ run or export in saved_models/exports/ or runs/, or a typed path; ``SR_APP_MODEL
 start with), and
 compare the input, bicubic and the model side by side on one synchronised zoom region,
 with a CT window, the |bicubic - model| map, data-consistency PSNR/SSIM (each output
-downsampled again against the input), the inference time and a download of the result
+downsampled again against the input; data-consistency projection after the model, on by
+default, makes it agree), the inference time and a download of the result
 in the input's own format. Reading, tiled inference and writing are
 ``sr_tf.upscaling``'s; what the page computes for display is ``sr_tf.display``'s.
 """
@@ -22,7 +23,7 @@ import numpy as np
 import streamlit as st
 
 from data_prep import samples
-from sr_tf import display, inference, upscaling, zoo
+from sr_tf import consistency, display, inference, upscaling, zoo
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL_ROOTS = ("saved_models/exports", "runs")  # beside the zoo models, which zoo.built() lists
@@ -145,9 +146,32 @@ def choose_model(modality=None):
         st.error(f"Cannot use the model: {exc}")
         return None
     st.sidebar.markdown(f"**{predictor.name}**: x{scale}, {predictor.kind}")
+    predictor = choose_consistency(predictor)
+    if predictor is None:
+        return None
     with st.sidebar.expander("Model card", expanded=False):
         st.json(predictor.card or predictor.config or {"note": "no model card or training config beside this model"})
     return predictor
+
+
+def choose_consistency(predictor):
+    """``predictor`` with the data-consistency projection chosen in the sidebar after it
+    (on by default, ``sr_tf.consistency.DEFAULT_MODE``), or None after saying why not."""
+    if predictor.projection is not None:
+        st.sidebar.caption(f"The model's graph includes {predictor.projection.describe()}.")
+        return predictor
+    on = st.sidebar.checkbox(
+        "Data-consistency projection", consistency.DEFAULT_MODE == "project",
+        help="After the model, iterative back-projection with the degradation's own kernel, so that the "
+             "output, degraded again, reproduces the input.")
+    iterations = st.sidebar.number_input("Projection iterations", 0, 200, consistency.DEFAULT_ITERATIONS, 1,
+                                         disabled=not on)
+    try:
+        return inference.with_consistency(predictor, "project" if on else "none", int(iterations))
+    except ValueError as exc:
+        st.sidebar.error(str(exc))
+        st.error(f"Cannot project the output of {predictor.name}: {exc}")
+        return None
 
 
 def choose_image():
@@ -215,7 +239,8 @@ def result_for(predictor, image, key, name, slices, tile, overlap):
     """The session's Result for these settings, computed once (the oldest are dropped);
     None after showing why it failed."""
     results = st.session_state.setdefault("results", {})
-    key = (*key, predictor.path, tile, overlap, "all" if slices is None else tuple(slices))
+    projection = predictor.projection and predictor.projection.card()["description"]
+    key = (*key, predictor.path, projection, tile, overlap, "all" if slices is None else tuple(slices))
     if key not in results:
         try:
             results[key] = run_upscale(predictor, image, slices, tile, overlap)
@@ -262,7 +287,8 @@ def show_panels(image, lr, bicubic, output, scale, box, window, predictor):
     panels = (
         (f"LR input, {lr.shape[1]} x {lr.shape[0]} ({region})", lr, 1),
         (f"Bicubic x{scale}, {bicubic.shape[1]} x {bicubic.shape[0]}", bicubic, scale),
-        (f"Model {predictor.name} x{scale}, {output.shape[1]} x {output.shape[0]}", output, scale),
+        (f"Model {predictor.name} x{scale}, {output.shape[1]} x {output.shape[0]}"
+         f"{', with data-consistency projection' if predictor.projection else ''}", output, scale),
     )
     for column, (caption, values, factor) in zip(st.columns(3), panels):
         values = display.resize(display.crop(values, box, factor), size)

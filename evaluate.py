@@ -5,7 +5,9 @@
     python evaluate.py --model=saved_models/swift/model_float16.tflite --data=tfrecords/cxr14
 
 --model takes a run folder, a .keras file, a SavedModel folder or a .tflite file.
-Writes per_image.csv, summary.md and figures to --output and prints a summary.
+Writes per_image.csv, summary.md and figures to --output and prints a summary. With
+--consistency=project (the default) the model is reported twice: as it is ("model") and
+followed by data-consistency projection ("model+projection").
 """
 
 import glob
@@ -16,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from sr_tf import inference  # noqa: E402
+from sr_tf import consistency, inference  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder, .tflite or zoo name; default: latest run in runs/.")
@@ -31,6 +33,11 @@ flags.DEFINE_integer("tile", inference.DEFAULT_TILE, "LR tile size for tiled inf
 flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR tile overlap.")
 flags.DEFINE_integer("max_images", 0, "Evaluate at most this many images (0: all).")
 flags.DEFINE_integer("figures", 4, "Comparison figures for the first N images.")
+flags.DEFINE_enum("consistency", consistency.DEFAULT_MODE, list(consistency.MODES),
+                  "project: report the model and the model followed by data-consistency projection "
+                  "(model+projection); none: the model alone.")
+flags.DEFINE_integer("consistency_iterations", consistency.DEFAULT_ITERATIONS, "Back-projection iterations.")
+flags.DEFINE_float("consistency_step", consistency.DEFAULT_STEP, "Back-projection step size, in (0, 2).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("verify_shards", True, "Check every shard's SHA-256 against the manifest first "
                   "(sizes are always checked).")
@@ -58,7 +65,8 @@ def main(argv):
             data=FLAGS.data or trained.get("data") or os.path.join("tfrecords", "samples"),
             split=FLAGS.split, scale=scale, degradation=degradation, seed=FLAGS.seed, tile=FLAGS.tile,
             overlap=FLAGS.overlap, max_images=FLAGS.max_images, figures=FLAGS.figures,
-            verify_shards=FLAGS.verify_shards,
+            verify_shards=FLAGS.verify_shards, consistency=FLAGS.consistency,
+            consistency_iterations=FLAGS.consistency_iterations, consistency_step=FLAGS.consistency_step,
         )
         if FLAGS.output:
             output = FLAGS.output

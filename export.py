@@ -7,7 +7,9 @@
 --model takes a run folder or a .keras file. The int8 model is calibrated on LR patches
 of the run's training records (--data to use others). Writes saved_model/,
 model_{float32,float16,dynamic_int8,int8}.tflite, export_report.json and model_card.json
-into --output (default saved_models/<model name>); see sr_tf/export.py.
+into --output (default saved_models/<model name>); see sr_tf/export.py. Data-consistency
+projection after the model is baked into every graph (--consistency=project, the
+default; --consistency=none for the model alone).
 """
 
 import os
@@ -16,6 +18,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
+
+from sr_tf import consistency  # noqa: E402  (no TensorFlow import: the defaults only)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Run folder, .keras file or zoo name (python zoo.py lists them) to export.", required=True)
@@ -28,6 +32,11 @@ flags.DEFINE_integer("calibration_samples", 100, "LR training patches that calib
 flags.DEFINE_enum("degradation", None, ["bicubic", "blur_downsample", "noisy", "bilinear_artifacts",
                                         "self_supervised"], "Degradation; default: the one the model trained with.")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration patches and parity images.")
+flags.DEFINE_enum("consistency", consistency.DEFAULT_MODE, list(consistency.MODES),
+                  "project: bake data-consistency projection after the model into the SavedModel and TFLite "
+                  "graphs; none: export the model alone.")
+flags.DEFINE_integer("consistency_iterations", consistency.DEFAULT_ITERATIONS, "Back-projection iterations.")
+flags.DEFINE_float("consistency_step", consistency.DEFAULT_STEP, "Back-projection step size, in (0, 2).")
 
 
 def _summary(report):
@@ -48,8 +57,9 @@ def main(argv):
     from sr_tf import zoo
 
     try:  # before the seconds of importing TensorFlow
+        consistency.check(FLAGS.consistency, FLAGS.consistency_iterations, FLAGS.consistency_step)
         model = zoo.resolve(FLAGS.model)
-    except zoo.ZooError as exc:
+    except (zoo.ZooError, consistency.ConsistencyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not os.path.exists(model):
@@ -65,7 +75,9 @@ def main(argv):
     try:
         report = export.export(model, output, data=FLAGS.data, variants=FLAGS.variants or export.VARIANTS,
                                calibration_samples=FLAGS.calibration_samples, degradation=FLAGS.degradation,
-                               seed=FLAGS.seed, progress=lambda line: print(line, flush=True))
+                               seed=FLAGS.seed, progress=lambda line: print(line, flush=True),
+                               consistency=FLAGS.consistency, consistency_iterations=FLAGS.consistency_iterations,
+                               consistency_step=FLAGS.consistency_step)
     except (ValueError, OSError) as exc:  # ExportError, model load errors, unreadable records
         logging.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,9 @@ is measured on the fixed [0, 1] range:
 - data consistency: PSNR between the method's output degraded again (the preset's
   deterministic downsampling) and the LR input. A model that invents structure the
   input does not support loses consistency even when it looks sharp;
+- with ``consistency="project"``, the model followed by data-consistency projection
+  (``sr_tf.consistency``) as one more method, ``model+projection``, and the time per
+  image of both;
 - for CT, also RMSE and MAE in HU, and PSNR in HU over the stored window (which, the
   mapping being linear, equals the [0, 1] PSNR: a check that HU are recovered).
 
@@ -25,10 +28,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
+import time
+
 from sr_tf import inference, metrics
 
 BASELINES = (("nearest", "nearest"), ("bilinear", "bilinear"), ("bicubic", "bicubic"), ("lanczos", "lanczos3"))
 METRICS = ("psnr", "ssim", "nrmse", "consistency_psnr")
+PROJECTED = "model+projection"  # the method name of the model followed by data-consistency projection
 CT_METRICS = ("rmse_hu", "mae_hu", "psnr_hu")
 # A model whose data consistency is more than this under bicubic's is flagged: its output,
 # degraded again, does not reproduce its own input (the mark of invented structure).
@@ -51,6 +57,11 @@ class EvalConfig:
     max_images: int = 0  # 0: all
     figures: int = 4
     verify_shards: bool = True  # check the shards' SHA-256 against the manifest first
+    # "project": the model is also measured with data-consistency projection after it
+    # (method "model+projection", sr_tf.consistency); "none": the model alone.
+    consistency: str = "none"
+    consistency_iterations: int = None  # None: sr_tf.consistency's defaults
+    consistency_step: float = None
 
 
 def _lr_and_hr(example, config):
@@ -112,6 +123,9 @@ def run(predictor, config, output_dir, progress=True):
             f"model {predictor.name} upscales x{predictor.scale}, but degradation {config.degradation!r} at "
             f"scale {config.scale} needs x{degrade.model_scale(config.degradation, config.scale)}"
         )
+    projected = inference.with_consistency(predictor, config.consistency, config.consistency_iterations,
+                                           config.consistency_step)
+    projected = None if projected is predictor else projected  # a graph with the projection baked in is "model"
     total = records.record_count(config.data, config.split)
     if total == 0:
         raise EvaluationError(f"{config.data}: the {config.split!r} split has no records")
@@ -134,7 +148,13 @@ def run(predictor, config, output_dir, progress=True):
         window = None
         if modality == "CT":
             window = (float(example["intensity_min"]), float(example["intensity_max"]))
-        outputs = {"model": inference.tiled_predict(predictor, model_input.numpy(), config.tile, config.overlap)}
+        seconds = {}
+        outputs = {}
+        for method, runner in (("model", predictor), (PROJECTED, projected)):
+            if runner is not None:
+                started = time.perf_counter()
+                outputs[method] = inference.tiled_predict(runner, model_input.numpy(), config.tile, config.overlap)
+                seconds[method] = time.perf_counter() - started
         size = tf.shape(hr)[0:2]
         for method, tf_method in BASELINES:
             outputs[method] = metrics.upsample(lr, size, tf_method)
@@ -142,6 +162,8 @@ def run(predictor, config, output_dir, progress=True):
             output = tf.convert_to_tensor(np.asarray(output, np.float32).reshape(hr.shape))
             row = {"image": name, "modality": modality, "method": method}
             row.update(measure(hr, output, lr, config, window))
+            if method in seconds:
+                row["seconds"] = seconds[method]
             rows.append(row)
         if len(figures) < config.figures:
             figures.append((name, lr.numpy(), np.asarray(outputs["bicubic"]), np.asarray(outputs["model"]).reshape(hr.shape), hr.numpy()))
@@ -152,14 +174,14 @@ def run(predictor, config, output_dir, progress=True):
     summary = summarize(rows)
     write_csv(rows, os.path.join(output_dir, "per_image.csv"))
     with open(os.path.join(output_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(summary_markdown(summary, predictor.name, config))
+        f.write(summary_markdown(summary, predictor.name, config, (projected or predictor).projection))
     for index, item in enumerate(figures):
         save_figure(*item, os.path.join(output_dir, f"figure_{index:02d}.png"))
     return rows, summary
 
 
 def write_csv(rows, path):
-    columns = ["image", "modality", "method", *METRICS, *CT_METRICS]
+    columns = ["image", "modality", "method", *METRICS, *CT_METRICS, "seconds"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, columns, restval="")
         writer.writeheader()
@@ -205,7 +227,7 @@ def consistency_warning(methods):
             "it may show structure the input does not support")
 
 
-def summary_markdown(summary, model_name, config):
+def summary_markdown(summary, model_name, config, projection=None):
     lines = [
         f"# Evaluation of {model_name}",
         "",
@@ -214,6 +236,10 @@ def summary_markdown(summary, model_name, config):
         "consistency = PSNR of the output degraded again against the LR input.",
         "",
     ]
+    if projection is not None:
+        where = (f"`{PROJECTED}` is the model followed by" if any(PROJECTED in m for m in summary.values())
+                 else "The model's graph includes")
+        lines += [f"{where} {projection.describe()}.", ""]
     for modality, methods in summary.items():
         lines += [f"## {modality}", "",
                   "| method | n | PSNR dB | SSIM | NRMSE | consistency dB | gain over bicubic dB |",
@@ -240,7 +266,7 @@ def console_summary(summary):
     for modality, methods in summary.items():
         bicubic = methods.get("bicubic", {}).get("psnr", float("nan"))
         for method, m in methods.items():
-            out.append(f"{modality:>4} {method:>8}: PSNR {m['psnr']:6.2f} dB  SSIM {m['ssim']:.4f}  "
+            out.append(f"{modality:>4} {method:>16}: PSNR {m['psnr']:6.2f} dB  SSIM {m['ssim']:.4f}  "
                        f"consistency {m['consistency_psnr']:6.2f} dB  ({m['psnr'] - bicubic:+.2f} dB vs bicubic, n={m['n']})")
         warning = consistency_warning(methods)
         if warning:

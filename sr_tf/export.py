@@ -36,6 +36,14 @@ The TFLite models are converted from the model's function rearranged for XNNPACK
 
 The SavedModel keeps the model's graph as it is.
 
+Data-consistency projection (``sr_tf.consistency``, ``consistency="project"``, the
+default) is baked into the SavedModel and every TFLite form after the model, against
+the graph's own input, in builtin ops; the parity references are then the Keras model
+followed by the library's projection, and ``model_card.json`` records it
+(``consistency``, with the forms that include it), so that ``sr_tf.inference`` does not
+project such a graph twice. The full-integer int8 model is converted without it
+(``UNPROJECTED``): 8-bit activations cannot hold the residuals it corrects.
+
 Parity is the PSNR (dB, data range 1) of a form's output against the Keras model's on
 the same inputs: non-square LR images from the records, degraded as in training, run by
 the LiteRT interpreter resized to each image. A variant that cannot be built (a
@@ -76,6 +84,10 @@ CALIBRATION_SAMPLES = 100
 STRETCH_EVERY = 4  # calibration patches stretched to [0, 1]: one in this many
 XNNPACK_FAST_TAPS = 25  # largest depthwise kernel (taps) on XNNPACK's fast path
 DEFAULT_PATCH = 96  # HR patch for calibration when the run's config does not give one
+# Forms converted without the data-consistency projection even when it is baked into the
+# others, and why; sr_tf.inference projects their output in float instead.
+UNPROJECTED = {"int8": "full-integer arithmetic cannot hold the projection's small residuals (parity "
+                       "falls below the int8 target); project its output in float"}
 
 
 class ExportError(ValueError):
@@ -412,7 +424,19 @@ def _file_entry(folder, relative):
     return {"path": relative, "bytes": os.path.getsize(path), "sha256": records.file_sha256(path)}
 
 
-def model_card(name, model, training, settings, data, validation, files):
+def _consistency_entry(projection, files=None):
+    """The card's and report's ``consistency``: the projection and the forms that include it."""
+    if projection is None:
+        return {"mode": "none"}
+    entry = projection.card()
+    if files is not None:
+        built = [entry_["path"] for entry_ in files]
+        entry["forms"] = ["saved_model"] + [v for v in VARIANTS if tflite_name(v) in built and v not in UNPROJECTED]
+    entry["not_in"] = dict(UNPROJECTED)
+    return entry
+
+
+def model_card(name, model, training, settings, data, validation, files, projection=None):
     channels = model.channels
     return {
         "name": name,
@@ -432,6 +456,9 @@ def model_card(name, model, training, settings, data, validation, files):
                                "inverted so dense is bright", "MR and other": "[0, 99.9th percentile of the volume]"},
             "physical_value": "intensity_min + output * (intensity_max - intensity_min)",
         },
+        # Whether the exported graphs run data-consistency projection after the model (the
+        # .keras model itself never does).
+        "consistency": _consistency_entry(projection, files),
         "training_data": _training_data(data),
         "validation": validation,
         "training": training or None,
@@ -489,14 +516,25 @@ def write_json(path, payload):
 
 
 def export(model_path, output_dir, data=None, variants=VARIANTS, calibration_samples=CALIBRATION_SAMPLES,
-           degradation=None, seed=0, progress=None):
+           degradation=None, seed=0, progress=None, consistency=None, consistency_iterations=None,
+           consistency_step=None):
     """Export the Keras model at ``model_path`` (a run folder or a ``.keras`` file) into
     ``output_dir``; returns the report (also written as ``export_report.json``).
 
     ``data`` overrides the run's training records (calibration and parity images);
     ``degradation`` the run's degradation (``bicubic`` when the run does not say).
+    ``consistency`` "project" (default ``sr_tf.consistency.DEFAULT_MODE``) bakes
+    data-consistency projection after the model into every form, with
+    ``consistency_iterations`` and ``consistency_step`` (default: the library's); "none"
+    exports the model alone. The model card's ``consistency`` says which.
     ``progress`` is called with a line of text at each step.
     """
+    from sr_tf import consistency as consistency_lib
+
+    consistency = consistency or consistency_lib.DEFAULT_MODE
+    iterations = consistency_lib.DEFAULT_ITERATIONS if consistency_iterations is None else consistency_iterations
+    step = consistency_lib.DEFAULT_STEP if consistency_step is None else consistency_step
+    consistency_lib.check(consistency, iterations, step)
     say = progress or (lambda _: None)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -509,6 +547,10 @@ def export(model_path, output_dir, data=None, variants=VARIANTS, calibration_sam
     _check_output(output_dir, predictor.path)
     model, training = predictor.model, dict(predictor.config or {})
     settings = _settings(model, training, degradation)
+    projection = None
+    if consistency == "project":
+        preset = "bicubic" if settings["degradation"] == "self_supervised" else settings["degradation"]
+        projection = consistency_lib.Projection(settings["scale"], preset, iterations, step)
     records_dir, no_records = _locate_records(data or training.get("data"), explicit=data is not None)
 
     parent = os.path.dirname(os.path.abspath(output_dir))
@@ -517,13 +559,13 @@ def export(model_path, output_dir, data=None, variants=VARIANTS, calibration_sam
     os.makedirs(staging)
     try:
         report = _write_forms(predictor, staging, variants, settings, records_dir, no_records,
-                              calibration_samples, seed, say)
+                              calibration_samples, seed, say, projection)
         files = [_file_entry(staging, SAVED_MODEL_DIR)]
         files += [_file_entry(staging, tflite_name(v)) for v in variants if report["variants"][v]["status"] == "ok"]
         files.append({"path": REPORT})
         name = os.path.basename(os.path.abspath(output_dir))
         validation = last_validation(os.path.join(os.path.dirname(os.path.abspath(predictor.path)), "metrics.csv"))
-        card = model_card(name, model, training, settings, records_dir, validation, files)
+        card = model_card(name, model, training, settings, records_dir, validation, files, projection)
         write_json(os.path.join(staging, REPORT), report)
         write_json(os.path.join(staging, inference.MODEL_CARD), card)
         _publish(staging, os.path.abspath(output_dir))
@@ -549,12 +591,23 @@ def _settings(model, training, degradation):
             "patch_size": max(divisor, patch // divisor * divisor)}
 
 
-def _write_forms(predictor, staging, variants, settings, records_dir, no_records, calibration_samples, seed, say):
+def _projected(function, projection):
+    """``function`` followed by ``projection`` against its own input (or ``function``)."""
+    if projection is None:
+        return function
+    return lambda lr: projection(lr, function(lr))
+
+
+def _write_forms(predictor, staging, variants, settings, records_dir, no_records, calibration_samples, seed, say,
+                 projection=None):
     model = predictor.model
     images, described = parity_inputs(records_dir, settings["scale"], settings["degradation"], seed)
-    references = [predictor.predict(image) for image in images]
+    # The references are the Keras model and, when it is baked in, the library's projection after it.
+    python = predictor if projection is None else inference.ProjectedPredictor(predictor, projection)
+    references = [python.predict(image) for image in images]
     report = {
         "model": predictor.path,
+        "consistency": _consistency_entry(projection),
         "parity": {
             "metric": "PSNR (dB, data range 1) of each form's output against the Keras model's on the same input; "
                       "psnr_db is the worst image, null means identical outputs",
@@ -568,18 +621,22 @@ def _write_forms(predictor, staging, variants, settings, records_dir, no_records
 
     say("writing the SavedModel")
     saved_model = os.path.join(staging, SAVED_MODEL_DIR)
-    save_saved_model(model, saved_model)
+    save_saved_model(model, saved_model, _projected(lambda lr: model(lr, training=False), projection))
     entry = {"path": SAVED_MODEL_DIR + "/", "status": "ok", "bytes": _file_entry(staging, SAVED_MODEL_DIR)["bytes"]}
     loaded = inference.SavedModelPredictor(saved_model, "saved_model")
     entry.update(parity(loaded, images, references, TARGET_DB["saved_model"]))
     report["variants"]["saved_model"] = entry
 
-    source = saved_model
+    source, plain = saved_model, None  # what the TFLite forms are converted from, with and without projection
     with tflite_graph(model) as (function, notes):
         if notes:
             source = os.path.join(staging, ".tflite_source")
-            save_saved_model(model, source, function)
+            save_saved_model(model, source, _projected(function, projection))
             report["tflite_graph"] = notes
+        if projection is not None and set(variants) & set(UNPROJECTED):
+            plain = os.path.join(staging, ".tflite_plain")
+            save_saved_model(model, plain, function)
+            plain_references = [predictor.predict(image) for image in images]
     calibration = None
     if "int8" in variants:
         calibration = _calibration(records_dir, no_records, settings, calibration_samples, seed, report)
@@ -590,15 +647,19 @@ def _write_forms(predictor, staging, variants, settings, records_dir, no_records
         try:
             if variant == "int8" and calibration is None:
                 raise ExportError(report["calibration"]["error"])
-            entry.update(_tflite_form(source, path, variant, calibration, images, references))
+            if projection is not None and variant in UNPROJECTED:
+                entry["consistency"] = f"none: {UNPROJECTED[variant]}"
+                entry.update(_tflite_form(plain, path, variant, calibration, images, plain_references))
+            else:
+                entry.update(_tflite_form(source, path, variant, calibration, images, references))
         except Exception as exc:  # converter and runtime errors of every kind: reported, not fatal
             entry.update(status="failed", error=f"{type(exc).__name__}: {_shorten(str(exc))}")
             if os.path.exists(path):
                 os.remove(path)
             say(f"  {variant} not built: {entry['error']}")
         report["variants"][variant] = entry
-    if source != saved_model:
-        shutil.rmtree(source)
+    for folder in {source, plain} - {saved_model, None}:
+        shutil.rmtree(folder)
     return report
 
 

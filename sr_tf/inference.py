@@ -37,9 +37,15 @@ TILE_ALIGN = 2
 
 
 class Predictor:
-    """A loaded model. ``predict(batch)`` runs it; subclasses differ in the runtime."""
+    """A loaded model. ``predict(batch)`` runs it; subclasses differ in the runtime.
+
+    ``projection`` is the data-consistency projection (``sr_tf.consistency.Projection``)
+    its outputs already include (an exported graph that bakes it in, or
+    :class:`ProjectedPredictor`), None when they do not.
+    """
 
     kind = "keras"
+    projection = None
 
     def __init__(self, path, name, config=None, card=None):
         self.path = path
@@ -89,6 +95,7 @@ class SavedModelPredictor(Predictor):
         import tensorflow as tf
 
         super().__init__(path, name, config, card)
+        self.projection = _baked_projection(card, "saved_model")
         self.module = tf.saved_model.load(path)
         signature = self.module.signatures.get("serving_default")
         if signature is None:
@@ -116,6 +123,8 @@ class TFLitePredictor(Predictor):
         from ai_edge_litert.interpreter import Interpreter
 
         super().__init__(path, name, config, card)
+        form = os.path.splitext(os.path.basename(path))[0].removeprefix("model_")
+        self.projection = _baked_projection(card, form)
         try:
             self.interpreter = Interpreter(model_path=path, num_threads=threads or os.cpu_count())
         except (ValueError, RuntimeError) as exc:
@@ -138,6 +147,75 @@ class TFLitePredictor(Predictor):
         self.interpreter.set_tensor(self._input["index"], _quantize(batch, self._input))
         self.interpreter.invoke()
         return _dequantize(self.interpreter.get_tensor(self._output["index"]), self._output)
+
+
+class ProjectedPredictor(Predictor):
+    """Another predictor followed by data-consistency projection of every output batch
+    against its own input batch (``sr_tf.consistency``); tiled inference projects each
+    tile against its LR tile, the way an exported graph with the projection baked in runs."""
+
+    def __init__(self, inner, projection):
+        import tensorflow as tf
+
+        super().__init__(inner.path, inner.name, inner.config, inner.card)
+        self.inner, self.projection, self.kind = inner, projection, inner.kind
+        self._scale = inner.scale
+        self._project = tf.function(projection, reduce_retracing=True)
+
+    def predict(self, batch):
+        batch = np.asarray(batch, np.float32)
+        return np.asarray(self._project(batch, self.inner.predict(batch)), np.float32)
+
+
+def _baked_projection(card, form):
+    """The projection the exported ``form`` (``saved_model``, ``float16``, ...) includes,
+    as its model card records it; None when it includes none."""
+    from sr_tf import consistency
+
+    entry = (card or {}).get("consistency") or {}
+    if form not in entry.get("forms", [form]):
+        return None
+    return consistency.Projection.from_card(entry)
+
+
+def projection_for(predictor, iterations=None, step=None):
+    """The ``sr_tf.consistency.Projection`` that suits ``predictor``'s degradation and
+    scale (its training config or model card; bicubic at the model's scale when neither
+    says). ConsistencyError when the model's scale does not fit that degradation."""
+    from sr_tf import consistency
+    from sr_tf.data import degrade
+
+    known = {**(predictor.card or {}), **(predictor.config or {})}
+    degradation = known.get("degradation") or ("bicubic" if predictor.scale > 1 else "bilinear_artifacts")
+    scale = int(known.get("scale") or (predictor.scale if predictor.scale > 1 else 4))
+    if degradation == "self_supervised":  # learns one bicubic step from one level to the next
+        degradation = "bicubic"
+    if degrade.model_scale(degradation, scale) != predictor.scale:
+        raise consistency.ConsistencyError(
+            f"{predictor.name}: cannot project: degradation {degradation!r} at x{scale} needs a "
+            f"x{degrade.model_scale(degradation, scale)} model, this one is x{predictor.scale}")
+    return consistency.Projection(
+        scale, degradation, consistency.DEFAULT_ITERATIONS if iterations is None else iterations,
+        consistency.DEFAULT_STEP if step is None else step)
+
+
+def with_consistency(predictor, mode, iterations=None, step=None):
+    """``predictor`` with data-consistency projection after it (``mode`` "project") or
+    as it is ("none"). A predictor whose graph already includes the projection is
+    returned as it is for "project" and refused for "none" (ConsistencyError)."""
+    from sr_tf import consistency
+
+    consistency.check(mode, consistency.DEFAULT_ITERATIONS if iterations is None else iterations,
+                      consistency.DEFAULT_STEP if step is None else step)
+    if predictor.projection is not None:
+        if mode == "none":
+            raise consistency.ConsistencyError(
+                f"--consistency=none: {predictor.path} already includes {predictor.projection.describe()} "
+                "in its graph; export the model with --consistency=none for one without")
+        return predictor
+    if mode == "none":
+        return predictor
+    return ProjectedPredictor(predictor, projection_for(predictor, iterations, step))
 
 
 def _quantize(values, detail):

@@ -1,6 +1,7 @@
 """Upscale DICOM, NIfTI and PNG/JPEG/TIFF files with a trained model, in their own format.
 
     predictor = inference.load_predictor("runs/swift_srgan_x4")
+    predictor = inference.with_consistency(predictor, "project")   # data-consistency projection
     image = upscaling.load("ct.dcm")                      # slices (S, H, W) in [0, 1]
     sr = upscaling.upscale(predictor, image)              # (S, 4H, 4W) in [0, 1], tiled
     upscaling.write(image, sr, predictor, "out/ct_x4.dcm")
@@ -21,8 +22,10 @@ Writing back. DICOM: the original stored representation (bits, signedness, resca
 Modality LUT, MONOCHROME1 polarity), uncompressed Explicit VR Little Endian, new SOP
 Instance UID and a new Series Instance UID derived from the original one, the model and
 the scale (so the files of one series upscaled by one model form one new series),
-ImageType DERIVED\\SECONDARY, pixel spacing divided by the scale and ImagePositionPatient
-moved so that the image's outer corner stays where it was. NIfTI: the original array
+ImageType DERIVED\\SECONDARY, a DerivationDescription naming the model (and the
+data-consistency projection when the predictor applies one: ``sr_tf.consistency``), pixel
+spacing divided by the scale and ImagePositionPatient moved so that the image's outer
+corner stays where it was. NIfTI: the original array
 layout and orientation (never reoriented): the two in-plane voxel axes (those other than
 the header's slice dimension, axis 2 when unset) are upscaled, the others kept, the
 sform/qform rescaled so the grid covers the same field of view in world coordinates, the
@@ -418,7 +421,8 @@ def _dicom_dataset(image, upscaled, predictor, indices):
     del frames, data
 
     _mark_derived(ds)
-    ds.DerivationDescription = (f"Super-resolved x{scale} by the model {predictor.name} (sr_tf upscale); "
+    projection = "" if predictor.projection is None else f", then {predictor.projection.describe()}"
+    ds.DerivationDescription = (f"Super-resolved x{scale} by the model {predictor.name}{projection} (sr_tf upscale); "
                                 f"pixel spacing divided by {scale}")[:1024]
     ds.SOPInstanceUID = generate_uid()
     original_series = str(source.get("SeriesInstanceUID", "") or source.get("SOPInstanceUID", ""))
@@ -490,7 +494,8 @@ def _nifti_image(image, upscaled, predictor, indices):
     for set_, affine, code in forms:
         if affine is not None:
             set_(affine @ to_old, code=int(code))
-    header["descrip"] = f"sr_tf x{scale} {predictor.name}"[:79]
+    projected = "" if predictor.projection is None else f" +projection {predictor.projection.iterations}"
+    header["descrip"] = f"sr_tf x{scale} {predictor.name}{projected}"[:79]
     out = type(source)(data, None, header=header)
     if (slope, inter) != (1.0, 0.0):
         out.header.set_slope_inter(slope, inter)  # the constructor resets scaling

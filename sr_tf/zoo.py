@@ -265,14 +265,15 @@ def sample_records(folder=SAMPLES_DIR, progress=False):
     return folder
 
 
-def evaluate(source, recipe, output_dir, figures=0):
+def evaluate(source, recipe, output_dir, figures=0, consistency="none"):
     """``(rows, summary)`` of ``source`` on the development set with the recipe's
-    degradation and scale (``sr_tf.evaluation``)."""
+    degradation and scale (``sr_tf.evaluation``); ``consistency="project"`` adds the
+    model followed by data-consistency projection (method ``model+projection``)."""
     from sr_tf import evaluation, inference
 
     predictor = inference.load_predictor(source)
     config = evaluation.EvalConfig(data=development_records(), split="test", scale=recipe.scale,
-                                   degradation=recipe.degradation, figures=figures)
+                                   degradation=recipe.degradation, figures=figures, consistency=consistency)
     return evaluation.run(predictor, config, output_dir, progress=False)
 
 

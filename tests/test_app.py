@@ -266,6 +266,7 @@ def test_the_page_upscales_downloads_and_survives_a_bad_upload(app_server, brows
     assert any(c.startswith("LR input, 128 x 128") for c in captions), captions
     assert any(c.startswith(f"Bicubic x{scale}, {side} x {side}") for c in captions), captions
     assert any(c.startswith(f"Model {model} x{scale}, {side} x {side}") for c in captions), captions
+    assert any(c.endswith("with data-consistency projection") for c in captions), captions  # on by default
     assert any(c.startswith("|bicubic - model|") for c in captions), captions
     images = browser.find_elements("css selector", '[data-testid="stImage"] img')
     sizes = [browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", i) for i in images]
@@ -288,7 +289,7 @@ def test_the_page_upscales_downloads_and_survives_a_bad_upload(app_server, brows
     assert os.path.basename(path) == f"CT_small_x{scale}.dcm"
     ds = pydicom.dcmread(path)
     assert (ds.Rows, ds.Columns) == (side, side)
-    assert "DERIVED" in ds.ImageType
+    assert "DERIVED" in ds.ImageType and "data-consistency projection" in ds.DerivationDescription
 
     # Zoom x2 (two steps of the slider, from the keyboard): one region in all three panels.
     zoom = browser.find_element("css selector", '[data-testid="stSlider"] input[type="range"][aria-label="Zoom"]')

@@ -1,6 +1,7 @@
 """evaluate.py: metrics that agree with skimage, baselines that match training, clear errors."""
 
 import csv
+import dataclasses
 import math
 import os
 import subprocess
@@ -130,10 +131,13 @@ def test_cli_writes_csv_summary_and_figures(tiny_run, tmp_path):
     assert "vs bicubic" in proc.stdout
     with open(out / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 5 and {r["method"] for r in rows} == {"model", "nearest", "bilinear", "bicubic", "lanczos"}
+    # Projection is on by default: the model is reported without and with it.
+    assert len(rows) == 6 and {r["method"] for r in rows} == {"model", "model+projection", "nearest", "bilinear",
+                                                              "bicubic", "lanczos"}
     assert rows[0]["modality"] == "CT" and float(rows[0]["rmse_hu"]) > 0
     summary = (out / "summary.md").read_text()
-    assert "gain over bicubic" in summary and "| model |" in summary
+    assert "gain over bicubic" in summary and "| model |" in summary and "| model+projection |" in summary
+    assert "data-consistency projection (" in summary and "model+projection" in proc.stdout
     assert (out / "figure_00.png").stat().st_size > 10000
     bad = subprocess.run([sys.executable, "evaluate.py", f"--model={tmp_path / 'missing'}", "--noprogress"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -144,7 +148,7 @@ def test_tflite_and_keras_of_the_same_model_give_the_same_metrics(tiny_run, tmp_
     """A .tflite and a .keras of the same model give evaluation metrics within 0.05 dB."""
     from sr_tf import export
 
-    export.export(tiny_run["run"], tmp_path / "export", variants=("float32",))
+    export.export(tiny_run["run"], tmp_path / "export", variants=("float32",), consistency="none")
     config = evaluation.EvalConfig(data=tiny_run["data"], split="test", scale=2, figures=0)
     _, keras_summary = evaluation.run(inference.load_predictor(tiny_run["run"]), config, tmp_path / "keras",
                                       progress=False)
@@ -176,3 +180,24 @@ def test_a_model_inconsistent_with_its_input_is_flagged():
     fine = evaluation.summarize(rows)
     assert "Flagged" not in evaluation.summary_markdown(fine, "psnr", config)
     assert evaluation.consistency_warning(fine["MR"]) is None
+
+
+def test_projection_is_reported_beside_the_model_with_its_time(tiny_run, tmp_path):
+    predictor = inference.load_predictor(tiny_run["run"])
+    config = evaluation.EvalConfig(data=tiny_run["data"], split="test", scale=2, figures=0, consistency="project",
+                                   consistency_iterations=10)
+    rows, summary = evaluation.run(predictor, config, tmp_path / "out", progress=False)
+    model, projected = summary["all"]["model"], summary["all"][evaluation.PROJECTED]
+    assert projected["consistency_psnr"] > 60.0 and projected["consistency_psnr"] > model["consistency_psnr"] + 10
+    assert projected["psnr"] > model["psnr"] - 0.05  # a nearly untrained model: no loss either
+    timed = [r for r in rows if r["method"] in ("model", evaluation.PROJECTED)]
+    assert timed and all(r["seconds"] > 0 for r in timed)
+    assert "10 iterations" in (tmp_path / "out" / "summary.md").read_text()
+    from sr_tf import consistency
+
+    bad = dataclasses.replace(config, consistency="sometimes")
+    with pytest.raises(consistency.ConsistencyError, match="--consistency must be one of none, project"):
+        evaluation.run(predictor, bad, tmp_path / "bad", progress=False)
+    with pytest.raises(consistency.ConsistencyError, match="--consistency_iterations.*got -2"):
+        evaluation.run(predictor, dataclasses.replace(config, consistency_iterations=-2), tmp_path / "bad",
+                       progress=False)

@@ -243,6 +243,36 @@ def test_dciodvfy_finds_no_error_the_input_does_not_have(dicom_outputs, name):
     assert not new, f"dciodvfy errors in the output of {name} only: {sorted(new)}"
 
 
+@pytest.mark.parametrize("name", ["CT_small.dcm", "RG1_crop.dcm"])
+def test_projected_dicom_says_so_and_passes_dciodvfy(tiny_model, monochrome1_crop, testdata, tmp_path, name):
+    """With data-consistency projection the output agrees with its input, the
+    DerivationDescription says how it was made, and dciodvfy finds nothing new."""
+    from sr_tf import consistency
+    from sr_tf.data import degrade
+
+    _, plain = tiny_model
+    predictor = inference.with_consistency(plain, "project", 8)
+    source = monochrome1_crop if name == "RG1_crop.dcm" else testdata(name)
+    report = upscaling.upscale_file(predictor, source, tmp_path, tile=64, overlap=16)
+    assert report["status"] == "ok", report["error"]
+    written = pydicom.dcmread(report["output"])
+    assert "data-consistency projection (8 iterations" in written.DerivationDescription
+    assert "tiny_x2" in written.DerivationDescription
+    image = upscaling.load(source)
+    projected = upscaling.load(report["output"]).slices[0]  # the written values, read back
+    down = np.asarray(degrade.downsample(projected[..., None], SCALE))[..., 0]
+    unprojected = upscaling.upscale(plain, image)[0]
+    before = np.asarray(degrade.downsample(unprojected[..., None], SCALE))[..., 0]
+    assert np.abs(down - image.slices[0]).mean() < 0.25 * np.abs(before - image.slices[0]).mean()
+    plain_report = upscaling.upscale_file(plain, source, tmp_path / "plain", tile=64, overlap=16)
+    assert "projection" not in pydicom.dcmread(plain_report["output"]).DerivationDescription
+    assert consistency.DEFAULT_MODE in consistency.MODES
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy is not on PATH (apt-get install dicom3tools)")
+    new = dciodvfy_errors(report["output"]) - dciodvfy_errors(source)
+    assert not new, f"dciodvfy errors in the projected output of {name} only: {sorted(new)}"
+
+
 # ----------------------------------------------------------------------------- NIfTI
 
 
@@ -561,6 +591,16 @@ def test_cli_report_and_exit_codes(testdata, tiny_model, tmp_path):
     assert pydicom.dcmread(by_input["CT_small.dcm"]["output"]).Rows == 256
     assert cv2.imread(by_input["xray.png"]["output"], cv2.IMREAD_UNCHANGED).shape == (80, 60)
     assert "upscaled 2 of 5 file(s)" in result.stdout
+    assert report["consistency"]["mode"] == "project" and report["consistency"]["iterations"] > 0
+    assert "data-consistency projection" in pydicom.dcmread(by_input["CT_small.dcm"]["output"]).DerivationDescription
+    # Bad consistency values: refused by flag and value before anything runs.
+    for flag, message in (("--consistency=always", "--consistency"), ("--consistency_iterations=-1",
+                                                                       "--consistency_iterations must be a "
+                                                                       "non-negative integer, got -1")):
+        refused = _cli(f"--model={model}", f"--input={testdata('CT_small.dcm')}", f"--output={tmp_path / 'no'}",
+                       flag)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "no").exists()
     # Nothing written: a non-zero exit code, and the report says why.
     failed = _cli(f"--model={model}", f"--input={bad[1]}", f"--input={tmp_path / 'missing.dcm'}",
                   f"--output={tmp_path / 'none'}")

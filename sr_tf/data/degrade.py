@@ -170,7 +170,7 @@ _RESAMPLING_KERNELS = {
 }
 
 
-def _downsampling_matrix(size, scale, kernel):
+def downsampling_matrix(size, scale, kernel):
     """(size // scale, size) weights of an antialiased downsampling along one axis.
 
     Output pixel ``o`` is centred at ``(o + 0.5) * scale`` input pixels; the kernel is
@@ -188,8 +188,8 @@ def _downsample(batch, scale, kernel):
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     batch = _check_divisible(batch, scale, f"downsampling by {scale}")
     _, height, width, _ = _dims(batch)
-    rows = _downsampling_matrix(height, scale, kernel)
-    cols = _downsampling_matrix(width, scale, kernel)
+    rows = downsampling_matrix(height, scale, kernel)
+    cols = downsampling_matrix(width, scale, kernel)
     out = tf.einsum("oh,nhwc->nowc", rows, batch)
     return _clip(tf.einsum("pw,nowc->nopc", cols, out))
 
