@@ -7,7 +7,9 @@
 --model takes a run folder, a .keras file, a SavedModel folder or a .tflite file.
 Writes per_image.csv, summary.md and figures to --output and prints a summary. With
 --consistency=project (the default) the model is reported twice: as it is ("model") and
-followed by data-consistency projection ("model+projection").
+followed by data-consistency projection ("model+projection"). --ensemble adds the model
+averaged over the 8 flips and rotations ("model+ensemble"), --adapt_steps=N a copy of
+the model adapted to each image first ("model+adaptation"), each with its time per image.
 """
 
 import glob
@@ -38,6 +40,10 @@ flags.DEFINE_enum("consistency", consistency.DEFAULT_MODE, list(consistency.MODE
                   "(model+projection); none: the model alone.")
 flags.DEFINE_integer("consistency_iterations", consistency.DEFAULT_ITERATIONS, "Back-projection iterations.")
 flags.DEFINE_float("consistency_step", consistency.DEFAULT_STEP, "Back-projection step size, in (0, 2).")
+flags.DEFINE_bool("ensemble", False, "Also report the model averaged over the 8 flips and rotations (model+ensemble).")
+flags.DEFINE_integer("adapt_steps", 0, "Also report a copy of the model adapted to each image for this many "
+                     "self-supervised steps (model+adaptation; 0: off; Keras models only).")
+flags.DEFINE_float("adapt_seconds", None, "At most this many seconds of adaptation per image (default: 60).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("verify_shards", True, "Check every shard's SHA-256 against the manifest first "
                   "(sizes are always checked).")
@@ -67,6 +73,8 @@ def main(argv):
             overlap=FLAGS.overlap, max_images=FLAGS.max_images, figures=FLAGS.figures,
             verify_shards=FLAGS.verify_shards, consistency=FLAGS.consistency,
             consistency_iterations=FLAGS.consistency_iterations, consistency_step=FLAGS.consistency_step,
+            ensemble=FLAGS.ensemble, adapt_steps=FLAGS.adapt_steps, adapt_seconds=FLAGS.adapt_seconds,
+            adapt_seed=FLAGS.seed,
         )
         if FLAGS.output:
             output = FLAGS.output

@@ -9,8 +9,13 @@ comma-separated. Each file is written to --output as <stem>_x<scale> in its own 
 (DICOM .dcm, NIfTI .nii/.nii.gz, rasters .png); a file that fails is reported with its
 reason and the others still run. Every output is projected onto data consistency
 (--consistency=project, the default: degraded again, it reproduces its input;
---consistency=none for the model's output as it is). upscale_report.json in --output lists every input with
-its output or its error. The exit code is 0 when at least one file was written.
+--consistency=none for the model's output as it is). --ensemble averages the model over
+the 8 flips and rotations of its input; --uncertainty (which implies it) also writes an
+uncertainty map beside each output (<stem>_x<scale>_uncertainty: a NIfTI for NIfTI, a
+16-bit PNG for rasters, a DICOM in its own series for DICOM). --adapt_steps=N fine-tunes a
+copy of the model on each input first (per-scan self-supervised adaptation, at most
+--adapt_seconds per file). upscale_report.json in --output lists every input with its
+output or its error. The exit code is 0 when at least one file was written.
 """
 
 import os
@@ -20,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from sr_tf import consistency, inference  # noqa: E402
+from sr_tf import adaptation, consistency, ensemble, inference  # noqa: E402
 
 REPORT = "upscale_report.json"
 
@@ -37,6 +42,14 @@ flags.DEFINE_enum("consistency", consistency.DEFAULT_MODE, list(consistency.MODE
                   "the input); none: the model's output as it is.")
 flags.DEFINE_integer("consistency_iterations", consistency.DEFAULT_ITERATIONS, "Back-projection iterations.")
 flags.DEFINE_float("consistency_step", consistency.DEFAULT_STEP, "Back-projection step size, in (0, 2).")
+flags.DEFINE_bool("ensemble", False, "Average the model over the 8 flips and rotations of its input (8x the time).")
+flags.DEFINE_bool("uncertainty", False, "Also write an uncertainty map beside each output (implies --ensemble).")
+flags.DEFINE_float("uncertainty_threshold", ensemble.DEFAULT_THRESHOLD, "Uncertainty (in [0, 1] units of the "
+                   "window) above which a pixel counts in the report's fraction.")
+flags.DEFINE_integer("adapt_steps", 0, "Fine-tune a copy of the model on each input for this many self-supervised "
+                     "steps before upscaling it (0: off; Keras models only).")
+flags.DEFINE_float("adapt_seconds", adaptation.DEFAULT_SECONDS, "At most this many seconds of adaptation per file.")
+flags.DEFINE_integer("seed", 0, "Seed of the adaptation's crops and degradations.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_integer("max_pixels", 100_000_000, "Refuse any input image (slice, frame) whose header claims more "
                      "pixels than this, before decoding it (0: no limit).")
@@ -92,7 +105,8 @@ def unique_output(path, claimed):
     return candidate
 
 
-def run(predictor, files, output_dir, tile, overlap, batch_size, progress=True):
+def run(predictor, files, output_dir, tile, overlap, batch_size, progress=True, adapt=None, uncertainty=False,
+        threshold=None):
     """Upscale ``files`` one by one; returns their report dicts."""
     from tqdm import tqdm
 
@@ -109,7 +123,8 @@ def run(predictor, files, output_dir, tile, overlap, batch_size, progress=True):
 
             target = unique_output(upscaling.output_path(path, output_dir, predictor.scale), claimed)
             reports.append(upscaling.upscale_file(predictor, path, output_dir, tile, overlap, batch_size,
-                                                  output=target, progress=tiles))
+                                                  output=target, progress=tiles, adapt=adapt,
+                                                  uncertainty=uncertainty, threshold=threshold))
             bar.update(1)
     return reports
 
@@ -119,6 +134,10 @@ def summarize(files, skipped, output_dir):
     for item in files:
         if item["status"] == "ok":
             print(f"ok      {item['input']} -> {item['output']} ({item['seconds']:.1f} s)")
+            if "uncertainty" in item:
+                u = item["uncertainty"]
+                print(f"        uncertainty -> {u['output']} ({100 * u['fraction_above']:.2f} % of pixels above "
+                      f"{u['threshold']:g})")
         else:
             print(f"FAILED  {item['error']}")
     for item in skipped:
@@ -142,6 +161,12 @@ def main(argv):
         consistency.check(FLAGS.consistency, FLAGS.consistency_iterations, FLAGS.consistency_step)
     except consistency.ConsistencyError as exc:
         raise app.UsageError(str(exc)) from exc
+    try:
+        adaptation.check(FLAGS.adapt_steps, FLAGS.adapt_seconds)
+    except ValueError as exc:
+        raise app.UsageError(f"--{exc}") from exc
+    if not FLAGS.uncertainty_threshold >= 0:
+        raise app.UsageError(f"--uncertainty_threshold must be >= 0, got {FLAGS.uncertainty_threshold}")
     if FLAGS.max_pixels < 0:
         raise app.UsageError(f"--max_pixels must be 0 (no limit) or positive, got {FLAGS.max_pixels}")
     from data_prep import readers
@@ -150,6 +175,11 @@ def main(argv):
     files, failures, skipped = collect_inputs(FLAGS.input, FLAGS.output)
     try:
         predictor = inference.load_predictor(FLAGS.model)  # before --output exists: a bad model writes nothing
+        if FLAGS.adapt_steps and not isinstance(predictor, inference.KerasPredictor):
+            raise ValueError(f"--adapt_steps needs a Keras model (.keras, a run folder or a zoo name); "
+                             f"{predictor.path} is a {predictor.kind} model")
+        if FLAGS.ensemble or FLAGS.uncertainty:
+            predictor = ensemble.EnsemblePredictor(predictor, spread=FLAGS.uncertainty)
         predictor = inference.with_consistency(predictor, FLAGS.consistency, FLAGS.consistency_iterations,
                                                FLAGS.consistency_step)
         scale = predictor.scale
@@ -157,13 +187,17 @@ def main(argv):
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    adapt = (dict(steps=FLAGS.adapt_steps, seconds=FLAGS.adapt_seconds, seed=FLAGS.seed)
+             if FLAGS.adapt_steps else None)
     results = failures + run(predictor, files, FLAGS.output, FLAGS.tile, FLAGS.overlap, FLAGS.batch_size,
-                             progress=FLAGS.progress)
+                             progress=FLAGS.progress, adapt=adapt, uncertainty=FLAGS.uncertainty,
+                             threshold=FLAGS.uncertainty_threshold)
     written = sum(item["status"] == "ok" for item in results)
     write_json_atomic(os.path.join(FLAGS.output, REPORT), {
         "model": FLAGS.model, "model_name": predictor.name, "scale": scale, "tile": FLAGS.tile,
         "overlap": FLAGS.overlap, "batch_size": FLAGS.batch_size,
-        "consistency": predictor.projection.card() if predictor.projection else {"mode": "none"}, "written": written,
+        "consistency": predictor.projection.card() if predictor.projection else {"mode": "none"},
+        "ensemble": bool(FLAGS.ensemble or FLAGS.uncertainty), "adapt": adapt, "written": written,
         "failed": len(results) - written, "files": results, "skipped": skipped,
     })
     summarize(results, skipped, FLAGS.output)

@@ -35,6 +35,8 @@ from sr_tf import inference, metrics
 BASELINES = (("nearest", "nearest"), ("bilinear", "bilinear"), ("bicubic", "bicubic"), ("lanczos", "lanczos3"))
 METRICS = ("psnr", "ssim", "nrmse", "consistency_psnr")
 PROJECTED = "model+projection"  # the method name of the model followed by data-consistency projection
+ENSEMBLED = "model+ensemble"  # the model averaged over the 8 flips and rotations (sr_tf.ensemble)
+ADAPTED = "model+adaptation"  # a copy of the model adapted to each image first (sr_tf.adaptation)
 CT_METRICS = ("rmse_hu", "mae_hu", "psnr_hu")
 # A model whose data consistency is more than this under bicubic's is flagged: its output,
 # degraded again, does not reproduce its own input (the mark of invented structure).
@@ -62,6 +64,13 @@ class EvalConfig:
     consistency: str = "none"
     consistency_iterations: int = None  # None: sr_tf.consistency's defaults
     consistency_step: float = None
+    # Also measure the model averaged over the 8 flips and rotations (method
+    # "model+ensemble"), and a copy adapted to each image for this many steps first
+    # ("model+adaptation", a Keras model only; 0: not measured).
+    ensemble: bool = False
+    adapt_steps: int = 0
+    adapt_seconds: float = None  # None: sr_tf.adaptation's default
+    adapt_seed: int = 0
 
 
 def _lr_and_hr(example, config):
@@ -126,6 +135,18 @@ def run(predictor, config, output_dir, progress=True):
     projected = inference.with_consistency(predictor, config.consistency, config.consistency_iterations,
                                            config.consistency_step)
     projected = None if projected is predictor else projected  # a graph with the projection baked in is "model"
+    ensembled = None
+    if config.ensemble:
+        from sr_tf import ensemble
+
+        ensembled = ensemble.EnsemblePredictor(predictor)
+    if config.adapt_steps:
+        from sr_tf import adaptation
+
+        adaptation.check(config.adapt_steps, config.adapt_seconds)
+        if not isinstance(predictor, inference.KerasPredictor):
+            raise EvaluationError(f"adaptation needs a Keras model (.keras, a run folder or a zoo name); "
+                                  f"{predictor.path} is a {predictor.kind} model")
     total = records.record_count(config.data, config.split)
     if total == 0:
         raise EvaluationError(f"{config.data}: the {config.split!r} split has no records")
@@ -150,11 +171,16 @@ def run(predictor, config, output_dir, progress=True):
             window = (float(example["intensity_min"]), float(example["intensity_max"]))
         seconds = {}
         outputs = {}
-        for method, runner in (("model", predictor), (PROJECTED, projected)):
+        for method, runner in (("model", predictor), (PROJECTED, projected), (ENSEMBLED, ensembled)):
             if runner is not None:
                 started = time.perf_counter()
                 outputs[method] = inference.tiled_predict(runner, model_input.numpy(), config.tile, config.overlap)
                 seconds[method] = time.perf_counter() - started
+        if config.adapt_steps:
+            started = time.perf_counter()
+            adapted = _adapted(predictor, model_input.numpy()[..., 0], config)
+            outputs[ADAPTED] = inference.tiled_predict(adapted, model_input.numpy(), config.tile, config.overlap)
+            seconds[ADAPTED] = time.perf_counter() - started  # adaptation and inference
         size = tf.shape(hr)[0:2]
         for method, tf_method in BASELINES:
             outputs[method] = metrics.upsample(lr, size, tf_method)
@@ -178,6 +204,17 @@ def run(predictor, config, output_dir, progress=True):
     for index, item in enumerate(figures):
         save_figure(*item, os.path.join(output_dir, f"figure_{index:02d}.png"))
     return rows, summary
+
+
+def _adapted(predictor, lr, config):
+    """A predictor of ``predictor``'s model adapted to ``lr`` (``sr_tf.adaptation``)."""
+    from sr_tf import adaptation
+
+    keywords = dict(steps=config.adapt_steps, seed=config.adapt_seed)
+    if config.adapt_seconds is not None:
+        keywords["seconds"] = config.adapt_seconds
+    model, _ = adaptation.adapt(predictor.model, lr, degradation=config.degradation, **keywords)
+    return inference.KerasPredictor(model, predictor.path, predictor.name, predictor.config, predictor.card)
 
 
 def write_csv(rows, path):

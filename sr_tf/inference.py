@@ -164,7 +164,48 @@ class ProjectedPredictor(Predictor):
 
     def predict(self, batch):
         batch = np.asarray(batch, np.float32)
-        return np.asarray(self._project(batch, self.inner.predict(batch)), np.float32)
+        out = np.asarray(self.inner.predict(batch), np.float32)
+        projected = np.asarray(self._project(batch, out[..., :1]), np.float32)
+        # Channels after the first (an ensemble's spread) are carried as they are.
+        return projected if out.shape[-1] == 1 else np.concatenate([projected, out[..., 1:]], axis=-1)
+
+
+def innermost(predictor):
+    """The predictor that runs the model itself, under any wrappers (projection, ensemble)."""
+    while getattr(predictor, "inner", None) is not None:
+        predictor = predictor.inner
+    return predictor
+
+
+def replace_innermost(predictor, model_predictor):
+    """``predictor`` with the same wrappers around ``model_predictor`` instead of its own
+    innermost predictor (an adapted copy of the model, say)."""
+    import copy
+
+    if getattr(predictor, "inner", None) is None:
+        return model_predictor
+    wrapper = copy.copy(predictor)
+    wrapper.inner = replace_innermost(predictor.inner, model_predictor)
+    return wrapper
+
+
+def describe(predictor):
+    """What ``predictor`` runs, in words, for a DerivationDescription or a report: the
+    model, then any adaptation, self-ensemble and projection, in the order they run."""
+    model = innermost(predictor)
+    parts = [f"the model {model.name}"]
+    if getattr(model, "adaptation", None) is not None:
+        parts.append(model.adaptation.describe())
+    wrapper, wrappers = predictor, []
+    while getattr(wrapper, "inner", None) is not None:
+        wrappers.append(wrapper)
+        wrapper = wrapper.inner
+    for wrapper in reversed(wrappers):  # innermost first: the order they run in
+        if getattr(wrapper, "ensemble_description", None):
+            parts.append(wrapper.ensemble_description)
+    if predictor.projection is not None:
+        parts.append(f"then {predictor.projection.describe()}")
+    return ", ".join(parts)
 
 
 def _baked_projection(card, form):
@@ -178,6 +219,13 @@ def _baked_projection(card, form):
     return consistency.Projection.from_card(entry)
 
 
+def degradation_of(predictor):
+    """The degradation ``predictor``'s model was trained for, as its training config or
+    model card says (bicubic, or bilinear_artifacts for a same-size model, when neither does)."""
+    known = {**(predictor.card or {}), **(predictor.config or {})}
+    return known.get("degradation") or ("bicubic" if predictor.scale > 1 else "bilinear_artifacts")
+
+
 def projection_for(predictor, iterations=None, step=None):
     """The ``sr_tf.consistency.Projection`` that suits ``predictor``'s degradation and
     scale (its training config or model card; bicubic at the model's scale when neither
@@ -186,7 +234,7 @@ def projection_for(predictor, iterations=None, step=None):
     from sr_tf.data import degrade
 
     known = {**(predictor.card or {}), **(predictor.config or {})}
-    degradation = known.get("degradation") or ("bicubic" if predictor.scale > 1 else "bilinear_artifacts")
+    degradation = degradation_of(predictor)
     scale = int(known.get("scale") or (predictor.scale if predictor.scale > 1 else 4))
     if degradation == "self_supervised":  # learns one bicubic step from one level to the next
         degradation = "bicubic"
@@ -363,7 +411,8 @@ def tiled_predict(predictor, image, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, 
     ``tile`` (the largest tile) and ``overlap`` are in LR pixels; each axis is cut into
     as few tiles as ``tile`` allows, of equal size (``balanced_tile``). Tiles are run
     ``batch_size`` at a time.
-    The output is (s*H, s*W, 1) float32 (s = ``predictor.scale``), filled in place, so
+    The output is (s*H, s*W, C) float32 (s = ``predictor.scale``; C the channels the
+    predictor returns: 1, or 2 for an ensemble with its spread), filled in place, so
     peak memory is the output plus one batch of tiles. ``progress`` is called with
     (tiles done, tiles total) after each batch.
     """
@@ -376,12 +425,14 @@ def tiled_predict(predictor, image, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, 
     height, width = image.shape[:2]
     scale = predictor.scale
     (th, rows), (tw, cols) = tile_layout(height, tile, overlap, align), tile_layout(width, tile, overlap, align)
-    output = np.empty((height * scale, width * scale, 1), np.float32)
+    output = None
     jobs = [(r, c) for r in range(len(rows)) for c in range(len(cols))]
     for first in range(0, len(jobs), batch_size):
         chunk = jobs[first:first + batch_size]
         batch = np.stack([image[rows[r]:rows[r] + th, cols[c]:cols[c] + tw] for r, c in chunk])
         result = predictor.predict(batch)
+        if output is None:
+            output = np.empty((height * scale, width * scale, result.shape[-1]), np.float32)
         for (r, c), out in zip(chunk, result):
             y0, y1 = _keep_range(rows, r, th, height)
             x0, x1 = _keep_range(cols, c, tw, width)

@@ -218,11 +218,22 @@ def _indices(image, slices):
 
 
 def upscale(predictor, image, tile=inference.DEFAULT_TILE, overlap=inference.DEFAULT_OVERLAP,
-            batch_size=inference.DEFAULT_BATCH, slices=None, progress=None):
+            batch_size=inference.DEFAULT_BATCH, slices=None, progress=None, uncertainty=False):
     """Super-resolve the slices of ``image`` (all, or the indices in ``slices``) with tiled
     inference; returns (S', s*H, s*W) float32 in [0, 1]. ``progress(done, total)`` counts
-    tiles over all the slices."""
+    tiles over all the slices.
+
+    ``uncertainty=True`` (``predictor`` an ``sr_tf.ensemble.EnsemblePredictor`` with
+    ``spread=True``, possibly projected) returns ``(upscaled, uncertainty)``, the second
+    the uncertainty map of each slice (``sr_tf.ensemble.uncertainty``), same shape.
+    """
     indices = _indices(image, slices)
+    if uncertainty:
+        from sr_tf import ensemble
+        from sr_tf.data import degrade
+
+        kernel = degrade.consistency_kernel(inference.degradation_of(inference.innermost(predictor)))
+        maps = None
     out = None
     for i, k in enumerate(indices):
         per_slice = None
@@ -232,13 +243,18 @@ def upscale(predictor, image, tile=inference.DEFAULT_TILE, overlap=inference.DEF
         result = inference.tiled_predict(predictor, image.slices[k], tile, overlap, batch_size, progress=per_slice)
         if not np.isfinite(result).all():
             raise UpscaleError(f"{image.path}: the model produced NaN or Inf (slice {k}); nothing written")
-        result = np.clip(result[..., 0], 0.0, 1.0, out=result[..., 0])
-        if len(indices) == 1:
-            return result[np.newaxis]
+        if uncertainty and result.shape[-1] != 2:
+            raise UpscaleError(f"{image.path}: an uncertainty map needs the self-ensemble's spread (--ensemble)")
+        spread = result[..., 1] if uncertainty else None
+        result = np.clip(result[..., 0], 0.0, 1.0)
         if out is None:
             out = np.empty((len(indices), *result.shape), np.float32)
+            if uncertainty:
+                maps = np.empty_like(out)
         out[i] = result
-    return out
+        if uncertainty:
+            maps[i] = ensemble.uncertainty(image.slices[k], result, spread, predictor.scale, kernel)
+    return (out, maps) if uncertainty else out
 
 
 # ----------------------------------------------------------------------------- back to physical values
@@ -386,7 +402,7 @@ def _mark_derived(ds):
                         item.FrameType = _derived(item.FrameType, "PRIMARY")
 
 
-def _dicom_dataset(image, upscaled, predictor, indices):
+def _dicom_dataset(image, upscaled, predictor, indices, uncertainty=False):
     import pydicom
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
@@ -421,12 +437,24 @@ def _dicom_dataset(image, upscaled, predictor, indices):
     del frames, data
 
     _mark_derived(ds)
-    projection = "" if predictor.projection is None else f", then {predictor.projection.describe()}"
-    ds.DerivationDescription = (f"Super-resolved x{scale} by the model {predictor.name}{projection} (sr_tf upscale); "
+    ds.DerivationDescription = (f"Super-resolved x{scale} by {inference.describe(predictor)} (sr_tf upscale); "
                                 f"pixel spacing divided by {scale}")[:1024]
     ds.SOPInstanceUID = generate_uid()
     original_series = str(source.get("SeriesInstanceUID", "") or source.get("SOPInstanceUID", ""))
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[original_series, str(predictor.name), f"x{scale}"])
+    series = [original_series, str(predictor.name), f"x{scale}"]
+    if uncertainty:
+        # Its own series, beside the upscaled one: the same grid, values in the image's units.
+        ds.DerivationDescription = (f"Uncertainty map of the x{scale} output of {inference.describe(predictor)} "
+                                    "(sr_tf upscale): the spread of the 8-fold self-ensemble and the "
+                                    "data-consistency residual, in the image's units")[:1024]
+        ds.SeriesDescription = f"Uncertainty x{scale} {predictor.name}"[:64]
+        for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTSequence"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        series.append("uncertainty")
+        if "SeriesNumber" in ds:
+            ds.SeriesNumber = (int(ds.SeriesNumber or 0) + 1) % 2**31
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=series)
     meta = ds.file_meta
     if "SOPClassUID" in ds:
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -438,16 +466,17 @@ def _dicom_dataset(image, upscaled, predictor, indices):
     return ds
 
 
-def _write_dicom(image, upscaled, predictor, indices, fileobj):
+def _write_dicom(image, upscaled, predictor, indices, fileobj, uncertainty=False):
     import pydicom
 
-    pydicom.dcmwrite(fileobj, _dicom_dataset(image, upscaled, predictor, indices), enforce_file_format=True)
+    pydicom.dcmwrite(fileobj, _dicom_dataset(image, upscaled, predictor, indices, uncertainty),
+                     enforce_file_format=True)
 
 
 # ----------------------------------------------------------------------------- NIfTI
 
 
-def _nifti_image(image, upscaled, predictor, indices):
+def _nifti_image(image, upscaled, predictor, indices, uncertainty=False):
     source, scale = image.source, predictor.scale
     header = source.header.copy()
     shape = list(source.shape)
@@ -495,15 +524,15 @@ def _nifti_image(image, upscaled, predictor, indices):
         if affine is not None:
             set_(affine @ to_old, code=int(code))
     projected = "" if predictor.projection is None else f" +projection {predictor.projection.iterations}"
-    header["descrip"] = f"sr_tf x{scale} {predictor.name}{projected}"[:79]
+    header["descrip"] = f"sr_tf {'uncertainty ' if uncertainty else ''}x{scale} {predictor.name}{projected}"[:79]
     out = type(source)(data, None, header=header)
     if (slope, inter) != (1.0, 0.0):
         out.header.set_slope_inter(slope, inter)  # the constructor resets scaling
     return out
 
 
-def _write_nifti(image, upscaled, predictor, indices, fileobj):
-    raw = _nifti_image(image, upscaled, predictor, indices).to_bytes()
+def _write_nifti(image, upscaled, predictor, indices, fileobj, uncertainty=False):
+    raw = _nifti_image(image, upscaled, predictor, indices, uncertainty).to_bytes()
     if image.path.lower().endswith(".gz"):
         with gzip.GzipFile(fileobj=fileobj, mode="wb", compresslevel=1, mtime=0) as compressed:
             compressed.write(raw)
@@ -514,7 +543,7 @@ def _write_nifti(image, upscaled, predictor, indices, fileobj):
 # ----------------------------------------------------------------------------- raster
 
 
-def _write_png(image, upscaled, predictor, indices, fileobj):
+def _write_png(image, upscaled, predictor, indices, fileobj, uncertainty=False):
     import cv2
 
     if len(indices) != 1:
@@ -562,21 +591,40 @@ def output_path(image_path, output_dir, scale):
     return os.path.join(os.fspath(output_dir), f"{stem}_x{scale}{new_ext}")
 
 
-def _encode(image, upscaled, predictor, slices, fileobj):
+def uncertainty_path(output):
+    """Where the uncertainty map of the output ``output`` goes: ``<stem>_uncertainty<ext>``
+    beside it (a 16-bit PNG for a PNG)."""
+    folder, name = os.path.split(os.fspath(output))
+    stem, ext = split_extension(name)
+    return os.path.join(folder, f"{stem}_uncertainty{ext}")
+
+
+def _as_uncertainty(image):
+    """``image`` as the uncertainty map is written: [0, 1] maps to 0 up to the window's
+    width (an uncertainty in the image's own units: HU for CT), with no values outside
+    the window carried over, and a raster as a 16-bit PNG."""
+    source = {"bits": 16} if image.kind == "raster" else image.source
+    return dataclasses.replace(image, lo=0.0, hi=image.hi - image.lo, physical=None, source=source)
+
+
+def _encode(image, upscaled, predictor, slices, fileobj, uncertainty=False):
     indices = _indices(image, slices)
     upscaled = np.asarray(upscaled, np.float32)
     _check_shape(image, upscaled, indices, predictor.scale)
+    if uncertainty:
+        image = _as_uncertainty(image)
     try:
-        _WRITERS[image.kind](image, upscaled, predictor, indices, fileobj)
+        _WRITERS[image.kind](image, upscaled, predictor, indices, fileobj, uncertainty)
     except readers.InputError as exc:
         raise UpscaleError(f"{image.path}: {exc}") from exc
 
 
-def to_bytes(image, upscaled, predictor, slices=None):
+def to_bytes(image, upscaled, predictor, slices=None, uncertainty=False):
     """The file :func:`write` would write, in memory, and a suggested file name."""
     buffer = io.BytesIO()
-    _encode(image, upscaled, predictor, slices, buffer)
-    return buffer.getvalue(), os.path.basename(output_path(image.path, "", predictor.scale))
+    _encode(image, upscaled, predictor, slices, buffer, uncertainty)
+    name = output_path(image.path, "", predictor.scale)
+    return buffer.getvalue(), os.path.basename(uncertainty_path(name) if uncertainty else name)
 
 
 def _refuse_input(image_path, target):
@@ -599,9 +647,11 @@ def _remove_stale_temporaries(folder, name):
             pass
 
 
-def write(image, upscaled, predictor, output_path, slices=None):
+def write(image, upscaled, predictor, output_path, slices=None, uncertainty=False):
     """Write the upscaled slices in the input's own format to ``output_path`` (under a
-    temporary name, then renamed; never over the input). Returns the path."""
+    temporary name, then renamed; never over the input). Returns the path.
+    ``uncertainty=True``: ``upscaled`` is the uncertainty map, written as a derived image
+    of its own (``_as_uncertainty``; for DICOM in its own series)."""
     target = os.fspath(output_path)
     _refuse_input(image.path, target)
     folder = os.path.dirname(os.path.abspath(target))
@@ -610,7 +660,7 @@ def write(image, upscaled, predictor, output_path, slices=None):
     temporary = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "xb") as f:
-            _encode(image, upscaled, predictor, slices, f)
+            _encode(image, upscaled, predictor, slices, f, uncertainty)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, target)
@@ -620,11 +670,42 @@ def write(image, upscaled, predictor, output_path, slices=None):
     return target
 
 
+def adapted(predictor, image, adapt):
+    """``predictor`` with its model replaced by a copy adapted to ``image``
+    (``sr_tf.adaptation``; ``adapt`` a dict of :func:`sr_tf.adaptation.adapt`'s keywords:
+    steps, seconds, seed), the report on the copy's ``adaptation``. UpscaleError when the
+    model is not a Keras model or cannot be adapted."""
+    from sr_tf import adaptation
+
+    base = inference.innermost(predictor)
+    if not isinstance(base, inference.KerasPredictor):
+        raise UpscaleError(f"{image.path}: per-scan adaptation needs a Keras model (.keras, a run folder or a "
+                           f"zoo name); {base.path} is a {base.kind} model")
+    try:
+        model, report = adaptation.adapt(base.model, image.slices, degradation=inference.degradation_of(base),
+                                         **adapt)
+    except adaptation.AdaptationError as exc:
+        raise UpscaleError(f"{image.path}: {exc}") from exc
+    copy = inference.KerasPredictor(model, base.path, base.name, base.config, base.card)
+    copy.adaptation = report
+    return inference.replace_innermost(predictor, copy)
+
+
 def upscale_file(predictor, path, output_dir, tile=inference.DEFAULT_TILE, overlap=inference.DEFAULT_OVERLAP,
-                 batch_size=inference.DEFAULT_BATCH, output=None, progress=None):
+                 batch_size=inference.DEFAULT_BATCH, output=None, progress=None, adapt=None, uncertainty=False,
+                 threshold=None):
     """Load, upscale and write one file (to ``output``, default :func:`output_path`).
     Never raises for a bad input: returns a report dict with ``status`` "ok" or "failed",
-    ``output`` and ``error`` (the reason, naming the file)."""
+    ``output`` and ``error`` (the reason, naming the file).
+
+    ``adapt``: fine-tune a copy of the model on this file first (:func:`adapted`; the
+    report gains ``adaptation``). ``uncertainty``: also write the uncertainty map beside
+    the output (:func:`uncertainty_path`; ``predictor`` must run the self-ensemble with
+    its spread); the report gains ``uncertainty`` with the fraction of pixels above
+    ``threshold`` (``sr_tf.ensemble.DEFAULT_THRESHOLD`` by default).
+    """
+    from sr_tf import ensemble
+
     started = time.perf_counter()
     report = {"input": os.fspath(path), "status": "failed", "output": None, "error": None}
     try:
@@ -632,8 +713,17 @@ def upscale_file(predictor, path, output_dir, tile=inference.DEFAULT_TILE, overl
         _refuse_input(path, target)
         image = load(path)
         report.update(kind=image.kind, modality=image.modality, input_shape=list(image.slices.shape))
-        upscaled = upscale(predictor, image, tile, overlap, batch_size, progress=progress)
+        if adapt is not None:
+            predictor = adapted(predictor, image, adapt)
+            report["adaptation"] = dataclasses.asdict(inference.innermost(predictor).adaptation)
+        result = upscale(predictor, image, tile, overlap, batch_size, progress=progress, uncertainty=uncertainty)
+        upscaled, maps = result if uncertainty else (result, None)
         report["output_shape"] = list(upscaled.shape)
+        if uncertainty:
+            _refuse_input(path, uncertainty_path(target))
+            threshold = ensemble.DEFAULT_THRESHOLD if threshold is None else float(threshold)
+            report["uncertainty"] = {"output": write(image, maps, predictor, uncertainty_path(target), uncertainty=True),
+                                     "threshold": threshold, "fraction_above": ensemble.fraction_above(maps, threshold)}
         report["output"] = write(image, upscaled, predictor, target)
         report["status"] = "ok"
     except UpscaleError as exc:

@@ -648,3 +648,81 @@ def test_special_files_in_an_input_folder_are_never_opened(testdata, tmp_path):
     assert [os.path.basename(p) for p in files] == ["ct.dcm"]
     assert any("pipe.dcm" in s["input"] and "FIFO" in s["reason"] for s in skipped), skipped
     assert any("dangling.dcm" in f["input"] and "broken symbolic link" in f["error"] for f in failures), failures
+
+
+# ----------------------------------------------------------------------------- uncertainty, adaptation
+
+
+def test_uncertainty_maps_beside_each_format(testdata, tmp_path):
+    """--uncertainty: a DICOM in its own series on the output's grid that dciodvfy accepts
+    with no new errors, a NIfTI with the output's geometry, a 16-bit PNG; each holds the
+    self-ensemble spread and the consistency residual in the image's units, and the
+    report gives the fraction of pixels above the threshold."""
+    from sr_tf import ensemble
+
+    predictor = ensemble.EnsemblePredictor(Nearest(), spread=True)  # equivariant: only the residual remains
+    ct = testdata("CT_small.dcm")
+    ok, png = cv2.imencode(".png", (np.arange(48 * 40) % 251).astype(np.uint8).reshape(48, 40))
+    (tmp_path / "x.png").write_bytes(png.tobytes())
+    nifti = os.path.join(NIBABEL_DATA, "anatomical.nii")
+    fractions = []
+    for source in (ct, str(tmp_path / "x.png"), nifti):
+        report = upscaling.upscale_file(predictor, source, tmp_path / "out", tile=64, overlap=8, uncertainty=True)
+        assert report["status"] == "ok", report["error"]
+        u = report["uncertainty"]
+        assert u["output"] == upscaling.uncertainty_path(report["output"]) and os.path.isfile(u["output"])
+        assert u["threshold"] == ensemble.DEFAULT_THRESHOLD and 0 <= u["fraction_above"] < 0.5
+        fractions.append(u["fraction_above"])
+    assert fractions[1] > 0  # the PNG's sharp synthetic edges: nearest-neighbour disagrees with them
+    out_dir = tmp_path / "out"
+    image, uncertainty = pydicom.dcmread(out_dir / "CT_small_x2.dcm"), pydicom.dcmread(out_dir / "CT_small_x2_uncertainty.dcm")
+    assert (uncertainty.Rows, uncertainty.Columns) == (image.Rows, image.Columns)
+    assert uncertainty.SeriesInstanceUID not in (image.SeriesInstanceUID, pydicom.dcmread(ct).SeriesInstanceUID)
+    assert uncertainty.StudyInstanceUID == image.StudyInstanceUID
+    assert uncertainty.DerivationDescription.startswith("Uncertainty map of the x2 output of the model nearest")
+    hu = pydicom.pixels.apply_modality_lut(uncertainty.pixel_array, uncertainty)
+    assert hu.min() >= 0 and 0 < np.median(hu) < 500  # HU of disagreement, not of tissue
+    assert dciodvfy_errors(out_dir / "CT_small_x2_uncertainty.dcm") <= dciodvfy_errors(ct)
+    raster = cv2.imread(str(out_dir / "x_x2_uncertainty.png"), cv2.IMREAD_UNCHANGED)
+    assert raster.dtype == np.uint16 and raster.shape == (96, 80) and raster.max() > 0
+    upscaled, mapped = nib.load(out_dir / "anatomical_x2.nii"), nib.load(out_dir / "anatomical_x2_uncertainty.nii")
+    assert mapped.shape == upscaled.shape
+    np.testing.assert_allclose(mapped.affine, upscaled.affine)
+    assert mapped.header["descrip"].tobytes().startswith(b"sr_tf uncertainty x2")
+    # Without the spread there is nothing to map: the file fails with the reason.
+    plain = upscaling.upscale_file(Nearest(), ct, tmp_path / "plain", uncertainty=True)
+    assert plain["status"] == "failed" and "needs the self-ensemble's spread" in plain["error"]
+
+
+def test_adaptation_per_file_is_recorded_in_the_output(testdata, tiny_model, nearest, tmp_path):
+    _, predictor = tiny_model
+    report = upscaling.upscale_file(predictor, testdata("MR_small.dcm"), tmp_path, tile=64, overlap=8,
+                                    adapt=dict(steps=3, seconds=None, seed=2, patch=32))
+    assert report["status"] == "ok", report["error"]
+    assert report["adaptation"]["steps"] == 3 and report["adaptation"]["seed"] == 2
+    description = pydicom.dcmread(report["output"]).DerivationDescription
+    assert "adapted to this input: 3 self-supervised steps" in description and "seed 2" in description
+    refused = upscaling.upscale_file(nearest, testdata("MR_small.dcm"), tmp_path / "no", adapt=dict(steps=3))
+    assert refused["status"] == "failed" and "per-scan adaptation needs a Keras model" in refused["error"]
+
+
+def test_cli_ensemble_uncertainty_and_adaptation_flags(testdata, tiny_model, tmp_path):
+    model, _ = tiny_model
+    out = tmp_path / "out"
+    result = _cli(f"--model={model}", f"--input={testdata('MR_small.dcm')}", f"--output={out}", "--uncertainty",
+                  "--adapt_steps=2", "--seed=1", "--tile=64", "--overlap=8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "upscale_report.json").read_text())
+    assert report["ensemble"] is True and report["adapt"]["steps"] == 2
+    item = report["files"][0]
+    assert item["adaptation"]["steps"] == 2 and os.path.isfile(item["uncertainty"]["output"])
+    assert "uncertainty ->" in result.stdout
+    description = pydicom.dcmread(item["output"]).DerivationDescription
+    assert "self-ensemble" in description and "adapted to this input" in description
+    for flag, message in (("--adapt_steps=-2", "--adapt_steps must be a whole number >= 0, got -2"),
+                          ("--adapt_seconds=0", "--adapt_seconds must be > 0"),
+                          ("--uncertainty_threshold=-1", "--uncertainty_threshold must be >= 0")):
+        refused = _cli(f"--model={model}", f"--input={testdata('MR_small.dcm')}", f"--output={tmp_path / 'no'}",
+                       flag, "--adapt_steps=1" if "seconds" in flag else "--noensemble")
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "no").exists()

@@ -1,0 +1,155 @@
+"""Per-scan self-supervised adaptation: fine-tune a copy of a model on the input itself.
+
+A site's scanner, noise and anatomy differ from the training data, and no
+high-resolution reference of the scan exists. The scan still holds its own training
+pairs: degraded once more with the model's degradation, a crop of the input is an input
+whose target is the crop itself (the double degradation of the ``self_supervised``
+preset; Shocher et al., "Zero-Shot Super-Resolution using Deep Internal Learning",
+CVPR 2018). :func:`adapt` fine-tunes a copy of the model on such pairs for a bounded
+number of steps and seconds and returns it; the model passed in is never changed.
+
+    adapted, report = adapt(model, lr_slices, degradation="bicubic", steps=100, seed=0)
+
+The crops, their flips and rotations and the degradation's random draws come from
+``seed``, so the same input, model and seed give the same adapted weights. Batch
+normalisation keeps its trained statistics (the copy runs in inference mode while it
+learns), since a few crops of one scan are no estimate of the population's.
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+
+# Defaults chosen on the development set (docs/RESULTS.md, "Per-scan adaptation").
+DEFAULT_PATCH = 64  # target crop size in input pixels (rounded down to a multiple of the scale)
+DEFAULT_BATCH = 8
+DEFAULT_LEARNING_RATE = 2e-5
+DEFAULT_SECONDS = 60.0
+# Presets that degrade by downsampling, and the one each adapts with. ``self_supervised``
+# models learned one bicubic step, which is what their pairs are made with here.
+_PAIR_PRESET = {"bicubic": "bicubic", "blur_downsample": "blur_downsample", "noisy": "noisy",
+                "self_supervised": "bicubic"}
+
+
+class AdaptationError(ValueError):
+    """Adaptation cannot run for this model or input; says why."""
+
+
+@dataclasses.dataclass
+class AdaptationReport:
+    """What :func:`adapt` did: steps run, seconds, the loss on the first and last steps."""
+
+    steps: int
+    seconds: float
+    seed: int
+    first_loss: float
+    last_loss: float
+    degradation: str
+    patch: int
+    stopped_by: str  # "steps" or "seconds"
+
+    def describe(self):
+        """One line for a DerivationDescription or a report."""
+        return (f"adapted to this input: {self.steps} self-supervised steps ({self.seconds:.0f} s, "
+                f"{self.degradation} pairs, seed {self.seed})")
+
+
+def check(steps, seconds=None):
+    """ValueError unless ``steps`` >= 0 and ``seconds`` (when given) > 0."""
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+        raise ValueError(f"adapt_steps must be a whole number >= 0, got {steps!r}")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"adapt_seconds must be > 0, got {seconds!r}")
+
+
+def _copy(model):
+    """A new model with ``model``'s configuration and weights."""
+    copy = type(model).from_config(model.get_config())
+    copy(np.zeros((1, 16, 16, getattr(model, "channels", 1)), np.float32))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _crops(slices, patch, batch, rng):
+    """``batch`` random crops of ``patch`` pixels from random slices, each flipped and
+    rotated at random (the eight symmetries of the square)."""
+    out = np.empty((batch, patch, patch, 1), np.float32)
+    for i in range(batch):
+        image = slices[rng.integers(len(slices))]
+        y = rng.integers(image.shape[0] - patch + 1)
+        x = rng.integers(image.shape[1] - patch + 1)
+        crop = image[y:y + patch, x:x + patch]
+        crop = np.rot90(crop, int(rng.integers(4)))
+        if rng.integers(2):
+            crop = crop[:, ::-1]
+        out[i, ..., 0] = crop
+    return out
+
+
+def adapt(model, slices, degradation="bicubic", steps=100, seconds=DEFAULT_SECONDS, seed=0, patch=DEFAULT_PATCH,
+          batch=DEFAULT_BATCH, learning_rate=DEFAULT_LEARNING_RATE):
+    """``(adapted copy of model, AdaptationReport)`` after at most ``steps`` steps and
+    ``seconds`` seconds of L1 fine-tuning on pairs made from ``slices``.
+
+    ``model``: a Keras super-resolution model (``scale`` attribute). ``slices``: the LR
+    input, (H, W) or (S, H, W) float32 in [0, 1]. Each step trains on ``batch`` crops of
+    ``patch`` pixels (at most the smaller side, rounded down to a multiple of the scale)
+    degraded by ``degradation`` to their inputs. Raises :class:`AdaptationError` for a
+    model that is not a Keras super-resolution model, a restoration model (scale 1: its
+    input is already degraded at full size, so there is no coarser level to learn from),
+    an unknown degradation or an input too small to crop.
+    """
+    import keras
+    import tensorflow as tf
+
+    from sr_tf.data import degrade
+
+    check(steps, seconds)
+    scale = getattr(model, "scale", None)
+    if not isinstance(model, keras.Model) or scale is None:
+        raise AdaptationError("adaptation needs a Keras model (.keras, a run folder or a zoo name), "
+                              f"not {type(model).__name__}")
+    if int(scale) == 1:
+        raise AdaptationError("adaptation needs a super-resolution model (scale > 1): a restoration model's "
+                              "input has no coarser level to learn from")
+    if degradation not in _PAIR_PRESET:
+        raise AdaptationError(f"adaptation makes pairs by degrading the input again; degradation {degradation!r} "
+                              f"is not one of {tuple(_PAIR_PRESET)}")
+    preset = _PAIR_PRESET[degradation]
+    slices = np.asarray(slices, np.float32)
+    if slices.ndim == 2:
+        slices = slices[np.newaxis]
+    side = min(slices.shape[1:3])
+    size = min(int(patch), side) // scale * scale
+    if size < 2 * scale:
+        raise AdaptationError(f"the input ({slices.shape[1]} x {slices.shape[2]}) is too small to adapt at x{scale}")
+    adapted = _copy(model)
+    if steps == 0:
+        return adapted, AdaptationReport(0, 0.0, int(seed), float("nan"), float("nan"), preset, size, "steps")
+    optimizer = keras.optimizers.Adam(learning_rate)
+    variables = adapted.trainable_variables
+    optimizer.build(variables)
+
+    @tf.function(reduce_retracing=True)
+    def train_step(targets, step_seed):
+        inputs, targets = degrade.apply(preset, targets, scale, step_seed)
+        with tf.GradientTape() as tape:
+            outputs = tf.cast(adapted(inputs, training=False), tf.float32)
+            loss = tf.reduce_mean(tf.abs(outputs - targets))
+        optimizer.apply(tape.gradient(loss, variables), variables)
+        return loss
+
+    rng = np.random.default_rng(seed)
+    losses = []
+    started = time.perf_counter()
+    stopped_by = "steps"
+    for step in range(int(steps)):
+        targets = _crops(slices, size, int(batch), rng)
+        losses.append(float(train_step(tf.constant(targets), tf.constant([int(seed), step], tf.int32))))
+        if seconds is not None and time.perf_counter() - started >= seconds and step + 1 < steps:
+            stopped_by = "seconds"
+            break
+    report = AdaptationReport(len(losses), time.perf_counter() - started, int(seed), losses[0], losses[-1], preset,
+                              size, stopped_by)
+    return adapted, report
