@@ -23,7 +23,7 @@ import numpy as np
 import streamlit as st
 
 from data_prep import samples
-from sr_tf import consistency, display, inference, upscaling, zoo
+from sr_tf import adaptation, consistency, display, ensemble, inference, upscaling, zoo
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL_ROOTS = ("saved_models/exports", "runs")  # beside the zoo models, which zoo.built() lists
@@ -67,6 +67,9 @@ class Result:
     tiles: int
     bicubic: np.ndarray | None = None  # of the shown slice, with the metrics below
     consistency: dict | None = None  # {"model": {...}, "bicubic": {...}}: display.consistency
+    uncertainty: np.ndarray | None = None  # (S', sH, sW): sr_tf.ensemble.uncertainty, with the ensemble on
+    adaptation: object = None  # sr_tf.adaptation.AdaptationReport, when adapted to this image
+    predictor: object = None  # what made it (the adapted copy, when adapted): what the download names
     download: tuple | None = None  # (bytes, file name), made on first display
 
 
@@ -146,12 +149,34 @@ def choose_model(modality=None):
         st.error(f"Cannot use the model: {exc}")
         return None
     st.sidebar.markdown(f"**{predictor.name}**: x{scale}, {predictor.kind}")
+    predictor = choose_ensemble(predictor)
     predictor = choose_consistency(predictor)
     if predictor is None:
         return None
     with st.sidebar.expander("Model card", expanded=False):
         st.json(predictor.card or predictor.config or {"note": "no model card or training config beside this model"})
     return predictor
+
+
+def choose_ensemble(predictor):
+    """``predictor``, or its self-ensemble with the spread (``sr_tf.ensemble``) when the
+    sidebar asks for the uncertainty map."""
+    on = st.sidebar.checkbox(
+        "Uncertainty map (self-ensemble, 8x the time)", False,
+        help="Averages the model over the 8 flips and rotations of its input; where the eight disagree, "
+             "and where the output degraded again differs from its input, is shown in red over the output.")
+    return ensemble.EnsemblePredictor(predictor, spread=True) if on else predictor
+
+
+def choose_adaptation(predictor):
+    """The adaptation keywords (``upscaling.adapted``) chosen in the sidebar, or None."""
+    base = inference.innermost(predictor)
+    steps = st.sidebar.number_input(
+        "Adapt to this image (steps, 0: off)", 0, 2000, 0, 25,
+        disabled=not isinstance(base, inference.KerasPredictor),
+        help="Fine-tunes a copy of the model on the image itself (its own pairs, degraded once more) "
+             f"for at most this many steps and {adaptation.DEFAULT_SECONDS:.0f} s. Keras models only.")
+    return dict(steps=int(steps), seed=0) if steps else None
 
 
 def choose_consistency(predictor):
@@ -219,7 +244,13 @@ def describe(image, name):
     )
 
 
-def run_upscale(predictor, image, slices, tile, overlap):
+def run_upscale(predictor, image, slices, tile, overlap, adapt=None):
+    report = None
+    if adapt is not None:
+        with st.spinner(f"Adapting {predictor.name} to this image ({adapt['steps']} steps)..."):
+            predictor = upscaling.adapted(predictor, image, adapt)
+        report = inference.innermost(predictor).adaptation
+    spread = _has_spread(predictor)
     bar = st.progress(0.0, text="Upscaling...")
     tiles = [0]
 
@@ -229,21 +260,36 @@ def run_upscale(predictor, image, slices, tile, overlap):
 
     start = time.perf_counter()
     try:
-        upscaled = upscaling.upscale(predictor, image, tile=tile, overlap=overlap, slices=slices, progress=progress)
+        upscaled = upscaling.upscale(predictor, image, tile=tile, overlap=overlap, slices=slices, progress=progress,
+                                     uncertainty=spread)
     finally:
         bar.empty()
-    return Result(upscaled, slices, time.perf_counter() - start, tiles[0])
+    maps = None
+    if spread:
+        upscaled, maps = upscaled
+    return Result(upscaled, slices, time.perf_counter() - start, tiles[0], uncertainty=maps, adaptation=report,
+                  predictor=predictor)
 
 
-def result_for(predictor, image, key, name, slices, tile, overlap):
+def _has_spread(predictor):
+    """Whether ``predictor`` runs the self-ensemble with its spread (under any projection)."""
+    while predictor is not None:
+        if isinstance(predictor, ensemble.EnsemblePredictor):
+            return predictor.spread
+        predictor = getattr(predictor, "inner", None)
+    return False
+
+
+def result_for(predictor, image, key, name, slices, tile, overlap, adapt=None):
     """The session's Result for these settings, computed once (the oldest are dropped);
     None after showing why it failed."""
     results = st.session_state.setdefault("results", {})
     projection = predictor.projection and predictor.projection.card()["description"]
-    key = (*key, predictor.path, projection, tile, overlap, "all" if slices is None else tuple(slices))
+    key = (*key, predictor.path, projection, inference.describe(predictor), repr(adapt), tile, overlap,
+           "all" if slices is None else tuple(slices))
     if key not in results:
         try:
-            results[key] = run_upscale(predictor, image, slices, tile, overlap)
+            results[key] = run_upscale(predictor, image, slices, tile, overlap, adapt)
         except Exception as exc:  # noqa: BLE001 - shown, and the next input still works
             st.error(f"Cannot upscale {name} with {predictor.name}: {type(exc).__name__}: {exc}")
             return None
@@ -305,6 +351,19 @@ def show_difference(bicubic, output, scale, box, image, column):
                  caption=f"|bicubic - model| (inferno: black 0, yellow {unit} or more)")
 
 
+def show_uncertainty(output, uncertainty, scale, box, image):
+    """The uncertainty map in red over the output, and the fraction of pixels above the threshold."""
+    threshold = ensemble.DEFAULT_THRESHOLD
+    size = display.display_size(display.crop(output, box, scale).shape, DISPLAY_SIDE)
+    layer = display.uncertainty_overlay(display.crop(output, box, scale), display.crop(uncertainty, box, scale),
+                                        threshold, size)
+    unit = f"{threshold * (image.hi - image.lo):.4g} HU" if image.modality == "CT" else f"{threshold:g} of the range"
+    fraction = ensemble.fraction_above(uncertainty, threshold)
+    st.image(display.to_uint8(layer), width="content",
+             caption=f"Uncertainty over the output (red from {unit}: ensemble spread and consistency residual); "
+                     f"{100 * fraction:.2f} % of the pixels above {unit}")
+
+
 def _number(value, digits, unit=""):
     if math.isnan(value):
         return "n/a"
@@ -335,7 +394,8 @@ def show_metrics(result, tile, column):
 def offer_download(result, image, predictor, name):
     if result.download is None:
         try:
-            result.download = upscaling.to_bytes(image, result.upscaled, predictor, slices=result.slices)
+            result.download = upscaling.to_bytes(image, result.upscaled, result.predictor or predictor,
+                                                 slices=result.slices)
         except Exception as exc:  # noqa: BLE001 - a writer failure is shown; the page goes on
             st.error(f"Cannot write the result of {name}: {exc}")
             return
@@ -352,6 +412,7 @@ def main():
     st.sidebar.header("Tiling")
     tile = st.sidebar.number_input("Tile (LR pixels)", 32, 2048, inference.DEFAULT_TILE, 32)
     overlap = st.sidebar.number_input("Overlap (LR pixels)", 0, 256, inference.DEFAULT_OVERLAP, 8)
+    adapt = choose_adaptation(predictor) if predictor is not None else None
     if predictor is None or chosen is None:
         return
     image, key, name = chosen
@@ -360,9 +421,12 @@ def main():
     index = st.slider("Slice", 0, count - 1, count // 2, key=f"slice-{key!r}") if count > 1 else 0
 
     scale, tile, overlap = predictor.scale, int(tile), int(overlap)
-    result = result_for(predictor, image, key, name, [index], tile, overlap)
+    result = result_for(predictor, image, key, name, [index], tile, overlap, adapt)
     if result is None:
         return
+    if result.adaptation is not None:
+        st.caption(f"The model was {result.adaptation.describe()}; loss on the image's own pairs "
+                   f"{result.adaptation.first_loss:.4f} -> {result.adaptation.last_loss:.4f}.")
     lr, output = image.slices[index], result.upscaled[0]
     if result.bicubic is None:
         result.bicubic = display.bicubic(lr, scale)
@@ -374,9 +438,11 @@ def main():
     left, right = st.columns([1, 2])
     show_difference(result.bicubic, output, scale, box, image, left)
     show_metrics(result, tile, right)
+    if result.uncertainty is not None:
+        show_uncertainty(output, result.uncertainty[0], scale, box, image)
 
     if count > 1 and st.checkbox(f"Download all {count} slices (upscales the whole volume)"):
-        result = result_for(predictor, image, key, name, None, tile, overlap)
+        result = result_for(predictor, image, key, name, None, tile, overlap, adapt)
     if result is not None:
         offer_download(result, image, predictor, name)
 

@@ -163,3 +163,18 @@ def _is_model_folder(path):
         os.path.isfile(os.path.join(path, *parts))
         for parts in (("generator.keras",), ("saved_model.pb",), ("saved_model", "saved_model.pb"))
     )
+
+
+def uncertainty_overlay(image, uncertainty, threshold, size=None):
+    """(RGB in [0, 1]) the grayscale ``image`` with ``uncertainty`` laid over it in red:
+    transparent at 0, opaque (at 70 %) from twice ``threshold``, so that what counts as
+    unsure stands out and the anatomy under it stays visible. Both are resized to
+    ``size`` if given."""
+    image = np.asarray(image, np.float32)
+    uncertainty = np.asarray(uncertainty, np.float32)
+    if size is not None:
+        image, uncertainty = resize(image, size), resize(uncertainty, size)
+    alpha = 0.7 * np.clip(uncertainty / max(2.0 * float(threshold), 1e-6), 0.0, 1.0)[..., None]
+    gray = np.repeat(np.clip(image, 0.0, 1.0)[..., None], 3, axis=-1)
+    red = np.array([1.0, 0.1, 0.0], np.float32)
+    return (gray * (1.0 - alpha) + red * alpha).astype(np.float32)

@@ -329,3 +329,12 @@ def test_the_page_upscales_downloads_and_survives_a_bad_upload(app_server, brows
     assert any(c.startswith("LR input, 80 x 96") for c in captions), captions
     assert not [t for t in _texts(browser, '[data-testid="stAlert"]') if "corrupt.dcm" in t]
     assert time.monotonic() - started < 120
+
+    # The uncertainty map: a layer over the output, with the fraction of pixels above the threshold.
+    box = next(b for b in browser.find_elements("css selector", '[data-testid="stCheckbox"]')
+               if b.text.startswith("Uncertainty map"))
+    box.find_element("tag name", "label").click()
+    caption = _wait(browser, lambda d: _idle(d) and [c for c in _texts(d, '[data-testid="stImageCaption"]')
+                                                     if c.startswith("Uncertainty over the output")],
+                    "the uncertainty map", timeout=90)
+    assert "% of the pixels above" in caption[0], caption
