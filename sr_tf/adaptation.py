@@ -22,10 +22,15 @@ import time
 import numpy as np
 
 # Defaults chosen on the development set (docs/RESULTS.md, "Per-scan adaptation").
-DEFAULT_PATCH = 64  # target crop size in input pixels (rounded down to a multiple of the scale)
+DEFAULT_STEPS = 100  # what bench.zoo measures; upscale.py and evaluate.py adapt only when asked
+DEFAULT_PATCH = 96  # target crop size in input pixels (rounded down to a multiple of the scale)
 DEFAULT_BATCH = 8
-DEFAULT_LEARNING_RATE = 2e-5
+DEFAULT_LEARNING_RATE = 1e-5
 DEFAULT_SECONDS = 60.0
+# The smallest input side adapted to. Smaller inputs (a 64 x 64 MR at x4 is a 16 x 16
+# input) hold too few pairs: on the development set the fine-tuning then overfits them
+# and costs up to several dB, so they are refused.
+MIN_SIDE = 64
 # Presets that degrade by downsampling, and the one each adapts with. ``self_supervised``
 # models learned one bicubic step, which is what their pairs are made with here.
 _PAIR_PRESET = {"bicubic": "bicubic", "blur_downsample": "blur_downsample", "noisy": "noisy",
@@ -71,14 +76,33 @@ def _copy(model):
     return copy
 
 
-def _crops(slices, patch, batch, rng):
-    """``batch`` random crops of ``patch`` pixels from random slices, each flipped and
-    rotated at random (the eight symmetries of the square)."""
+def _crop_weights(slices, patch):
+    """Per slice, the probability of each crop origin: proportional to the crop's mean
+    gradient magnitude (Shocher et al. sample crops by their gradients, so that the steps
+    go where there is structure to learn, not to flat background), mixed with 10 %
+    uniform so that no region is never seen."""
+    weights = []
+    for image in slices:
+        gy, gx = np.gradient(image.astype(np.float64))
+        energy = np.hypot(gy, gx)
+        table = np.pad(energy.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        sums = table[patch:, patch:] - table[:-patch, patch:] - table[patch:, :-patch] + table[:-patch, :-patch]
+        total = sums.sum()
+        flat = np.full(sums.size, 1.0 / sums.size)
+        weights.append(flat if total <= 0 else 0.9 * sums.ravel() / total + 0.1 * flat)
+    return weights
+
+
+def _crops(slices, patch, batch, rng, weights):
+    """``batch`` random crops of ``patch`` pixels from random slices (origins drawn with
+    ``weights``, :func:`_crop_weights`), each flipped and rotated at random (the eight
+    symmetries of the square)."""
     out = np.empty((batch, patch, patch, 1), np.float32)
     for i in range(batch):
-        image = slices[rng.integers(len(slices))]
-        y = rng.integers(image.shape[0] - patch + 1)
-        x = rng.integers(image.shape[1] - patch + 1)
+        k = rng.integers(len(slices))
+        image = slices[k]
+        origin = rng.choice(weights[k].size, p=weights[k])
+        y, x = divmod(int(origin), image.shape[1] - patch + 1)
         crop = image[y:y + patch, x:x + patch]
         crop = np.rot90(crop, int(rng.integers(4)))
         if rng.integers(2):
@@ -87,7 +111,7 @@ def _crops(slices, patch, batch, rng):
     return out
 
 
-def adapt(model, slices, degradation="bicubic", steps=100, seconds=DEFAULT_SECONDS, seed=0, patch=DEFAULT_PATCH,
+def adapt(model, slices, degradation="bicubic", steps=DEFAULT_STEPS, seconds=DEFAULT_SECONDS, seed=0, patch=DEFAULT_PATCH,
           batch=DEFAULT_BATCH, learning_rate=DEFAULT_LEARNING_RATE):
     """``(adapted copy of model, AdaptationReport)`` after at most ``steps`` steps and
     ``seconds`` seconds of L1 fine-tuning on pairs made from ``slices``.
@@ -122,8 +146,9 @@ def adapt(model, slices, degradation="bicubic", steps=100, seconds=DEFAULT_SECON
         slices = slices[np.newaxis]
     side = min(slices.shape[1:3])
     size = min(int(patch), side) // scale * scale
-    if size < 2 * scale:
-        raise AdaptationError(f"the input ({slices.shape[1]} x {slices.shape[2]}) is too small to adapt at x{scale}")
+    if side < MIN_SIDE or size < 2 * scale:
+        raise AdaptationError(f"the input ({slices.shape[1]} x {slices.shape[2]}) is too small to adapt to "
+                              f"(at least {MIN_SIDE} x {MIN_SIDE} pixels)")
     adapted = _copy(model)
     if steps == 0:
         return adapted, AdaptationReport(0, 0.0, int(seed), float("nan"), float("nan"), preset, size, "steps")
@@ -141,11 +166,12 @@ def adapt(model, slices, degradation="bicubic", steps=100, seconds=DEFAULT_SECON
         return loss
 
     rng = np.random.default_rng(seed)
+    weights = _crop_weights(slices, size)
     losses = []
     started = time.perf_counter()
     stopped_by = "steps"
     for step in range(int(steps)):
-        targets = _crops(slices, size, int(batch), rng)
+        targets = _crops(slices, size, int(batch), rng, weights)
         losses.append(float(train_step(tf.constant(targets), tf.constant([int(seed), step], tf.int32))))
         if seconds is not None and time.perf_counter() - started >= seconds and step + 1 < steps:
             stopped_by = "seconds"

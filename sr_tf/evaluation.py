@@ -177,10 +177,15 @@ def run(predictor, config, output_dir, progress=True):
                 outputs[method] = inference.tiled_predict(runner, model_input.numpy(), config.tile, config.overlap)
                 seconds[method] = time.perf_counter() - started
         if config.adapt_steps:
+            from sr_tf import adaptation
+
             started = time.perf_counter()
-            adapted = _adapted(predictor, model_input.numpy()[..., 0], config)
-            outputs[ADAPTED] = inference.tiled_predict(adapted, model_input.numpy(), config.tile, config.overlap)
-            seconds[ADAPTED] = time.perf_counter() - started  # adaptation and inference
+            try:  # an input too small to adapt to has no model+adaptation row
+                adapted = _adapted(predictor, model_input.numpy()[..., 0], config)
+                outputs[ADAPTED] = inference.tiled_predict(adapted, model_input.numpy(), config.tile, config.overlap)
+                seconds[ADAPTED] = time.perf_counter() - started  # adaptation and inference
+            except adaptation.AdaptationError:
+                pass
         size = tf.shape(hr)[0:2]
         for method, tf_method in BASELINES:
             outputs[method] = metrics.upsample(lr, size, tf_method)

@@ -265,15 +265,18 @@ def sample_records(folder=SAMPLES_DIR, progress=False):
     return folder
 
 
-def evaluate(source, recipe, output_dir, figures=0, consistency="none"):
+def evaluate(source, recipe, output_dir, figures=0, consistency="none", ensemble=False, adapt_steps=0):
     """``(rows, summary)`` of ``source`` on the development set with the recipe's
     degradation and scale (``sr_tf.evaluation``); ``consistency="project"`` adds the
-    model followed by data-consistency projection (method ``model+projection``)."""
+    model followed by data-consistency projection (method ``model+projection``),
+    ``ensemble`` its self-ensemble (``model+ensemble``), ``adapt_steps`` a copy adapted
+    to each image (``model+adaptation``)."""
     from sr_tf import evaluation, inference
 
     predictor = inference.load_predictor(source)
     config = evaluation.EvalConfig(data=development_records(), split="test", scale=recipe.scale,
-                                   degradation=recipe.degradation, figures=figures, consistency=consistency)
+                                   degradation=recipe.degradation, figures=figures, consistency=consistency,
+                                   ensemble=ensemble, adapt_steps=adapt_steps)
     return evaluation.run(predictor, config, output_dir, progress=False)
 
 

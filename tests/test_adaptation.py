@@ -79,7 +79,9 @@ def test_models_and_inputs_it_cannot_adapt(mr):
     with pytest.raises(adaptation.AdaptationError, match="needs a Keras model"):
         adaptation.adapt(object(), mr, steps=1)
     model = models.build("residual_cnn", scale=4, filters=8)
-    with pytest.raises(adaptation.AdaptationError, match="too small to adapt at x4"):
+    with pytest.raises(adaptation.AdaptationError, match=r"\(6 x 6\) is too small to adapt to \(at least 64 x 64 pixels\)"):
         adaptation.adapt(model, mr[:6, :6], steps=1)
+    with pytest.raises(adaptation.AdaptationError, match="too small"):
+        adaptation.adapt(model, mr[:40], steps=1)
     with pytest.raises(adaptation.AdaptationError, match="'bilinear_artifacts' is not one of"):
         adaptation.adapt(model, mr, steps=1, degradation="bilinear_artifacts")

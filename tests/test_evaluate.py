@@ -201,3 +201,28 @@ def test_projection_is_reported_beside_the_model_with_its_time(tiny_run, tmp_pat
     with pytest.raises(consistency.ConsistencyError, match="--consistency_iterations.*got -2"):
         evaluation.run(predictor, dataclasses.replace(config, consistency_iterations=-2), tmp_path / "bad",
                        progress=False)
+
+
+def test_ensemble_and_adaptation_are_reported_beside_the_model(tiny_run, tmp_path):
+    predictor = inference.load_predictor(tiny_run["run"])
+    config = evaluation.EvalConfig(data=tiny_run["data"], split="test", scale=2, figures=0, ensemble=True,
+                                   adapt_steps=3, adapt_seed=1)
+    rows, summary = evaluation.run(predictor, config, tmp_path / "out", progress=False)
+    methods = summary["all"]
+    for method in (evaluation.ENSEMBLED, evaluation.ADAPTED):
+        assert math.isfinite(methods[method]["psnr"]) and methods[method]["psnr"] != methods["model"]["psnr"]
+        assert all(r["seconds"] > 0 for r in rows if r["method"] == method)
+    # the ensemble of a model is not far from it, and never below bicubic by much more than the model is
+    assert abs(methods[evaluation.ENSEMBLED]["psnr"] - methods["model"]["psnr"]) < 1.0
+    with pytest.raises(ValueError, match="adapt_steps must be a whole number >= 0"):
+        evaluation.run(predictor, dataclasses.replace(config, adapt_steps=-1), tmp_path / "bad", progress=False)
+
+    class Nearest(inference.Predictor):  # a runtime without trainable weights (as TFLite)
+        kind = "tflite"
+        _model_scale = 2
+
+        def predict(self, batch):
+            return np.repeat(np.repeat(np.asarray(batch, np.float32), 2, axis=1), 2, axis=2)
+
+    with pytest.raises(evaluation.EvaluationError, match="adaptation needs a Keras model"):
+        evaluation.run(Nearest("nearest.tflite", "nearest"), config, tmp_path / "bad", progress=False)
