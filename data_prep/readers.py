@@ -39,7 +39,7 @@ class Volume:
     patient_id: str
     source: str
     pixel_spacing: tuple  # (row, col) mm, 0 when unknown
-    intensity_range: tuple  # default (min, max) by contract 1
+    intensity_range: tuple  # default (min, max): docs/DESIGN.md, contract 1
     slice_indices: list = None
     slice_sources: list = None  # per-slice source when a series spans files
 

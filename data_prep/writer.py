@@ -1,4 +1,5 @@
-"""Atomic, sharded TFRecord writing with a manifest (DESIGN.md contract 4).
+"""Atomic, sharded TFRecord writing with a manifest (docs/DESIGN.md,
+contract 4: atomic shards and the manifest).
 
 Each shard is written under a temporary name and renamed when complete; the manifest
 is written last, atomically, and lists only complete shards with their record counts

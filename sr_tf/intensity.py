@@ -1,4 +1,4 @@
-"""The intensity convention (DESIGN.md contract 1).
+"""The intensity convention (docs/DESIGN.md, contract 1: intensity convention).
 
 A record stores a slice as uint16: physical values (HU for CT, detector value for
 X-ray with dense bright, MR signal) are mapped linearly from

@@ -1,4 +1,5 @@
-"""The one TFRecord schema (DESIGN.md contract 2) and the manifest that lists shards.
+"""The one TFRecord schema and the manifest that lists shards (docs/DESIGN.md, contract 2:
+record schema).
 
 The writer (``data_prep``) and every reader (``sr_tf.data.pipeline``, ``evaluate.py``)
 import this module, so the schema lives in exactly one place.
@@ -12,7 +13,7 @@ image              bytes       PNG, uint16, one channel
 height, width      int64       image size in pixels
 modality           bytes       ``CT``, ``CR``/``DX`` (X-ray), ``MR``, ...
 source             bytes       file path or id the slice came from
-patient_id         bytes       decides the split (contract 3)
+patient_id         bytes       decides the split (docs/DESIGN.md, contract 3)
 slice_index        int64       position in its volume/series/frames; 0 for 2-D
 pixel_spacing      float x2    row, column spacing in mm; 0 when unknown
 intensity_min/max  float       physical values mapped to 0 and 65535

@@ -8,8 +8,8 @@
 
 Intensities. The model sees what it was trained on: physical values (HU, detector value
 with dense bright, MR signal) mapped linearly from the modality's default window
-``[lo, hi]`` of DESIGN contract 1 (CT -1024..3071 HU, X-ray 0..2**BitsStored-1, MR and
-others 0..99.9th percentile) to [0, 1]. A wider window (say the whole stored range of a
+``[lo, hi]`` (docs/DESIGN.md, contract 1: CT -1024..3071 HU, X-ray 0..2**BitsStored-1,
+MR and others 0..99.9th percentile) to [0, 1]. A wider window (say the whole stored range of a
 16-bit CT) would squeeze the contrast the model learned. Values outside the window are
 not lost: :class:`Image` keeps them, and the writers carry them into the output by
 nearest neighbour (each output pixel whose source pixel lay outside the window gets that

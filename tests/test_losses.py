@@ -1,5 +1,6 @@
 """The training losses: per-sample values, weights, gradients, and the offline policy
-of the perceptual loss (DESIGN.md contract 8)."""
+of the perceptual loss (docs/DESIGN.md, contract 8:
+pretrained weights)."""
 
 import logging
 import urllib.request

@@ -27,7 +27,7 @@ TRAIN_LARGEST = 512
 
 
 def _read(path):
-    """Physical slices of a DICOM file and its intensity range (contract 1)."""
+    """Physical slices of a DICOM file and its intensity range (docs/DESIGN.md, contract 1)."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
 

@@ -1,4 +1,6 @@
-"""Degradations that turn a high-resolution image into a model input (DESIGN.md contract 5).
+"""Degradations that turn a high-resolution image into a model input.
+
+The rules are docs/DESIGN.md, contract 5 (degradations).
 
 Everything here is plain TensorFlow, so the same ops run inside ``tf.data`` on the
 CPU and inside a ``tf.function`` train step on an accelerator. Every op takes one

@@ -1,10 +1,10 @@
 """The one training loop, for the default, Mirrored and MultiWorkerMirrored strategies.
 
-Keras 3 ``fit()`` fails under MultiWorkerMirroredStrategy (DESIGN.md contract 7), so
-this loop drives ``strategy.run(trainer.train_step, ...)`` inside a ``tf.function``
-for every strategy, with our own checkpoints (``tf.train.CheckpointManager``: step,
-models, optimizers; the last K plus the best by validation PSNR), TensorBoard
-summaries, a metrics CSV and a progress bar.
+Keras 3 ``fit()`` fails under MultiWorkerMirroredStrategy (docs/DESIGN.md, contract 7:
+the one training loop), so this loop drives ``strategy.run(trainer.train_step, ...)``
+inside a ``tf.function`` for every strategy, with our own checkpoints
+(``tf.train.CheckpointManager``: step, models, optimizers; the last K plus the best by
+validation PSNR), TensorBoard summaries, a metrics CSV and a progress bar.
 
 Run layout (``run_dir``)::
 

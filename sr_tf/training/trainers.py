@@ -1,9 +1,9 @@
 """Trainers: Keras models whose ``train_step`` and ``test_step`` hold the whole update.
 
 They are driven by :mod:`sr_tf.training.loop` through ``strategy.run(trainer.train_step,
-...)`` for every strategy (DESIGN.md contract 7), so a step returns plain tensors rather
-than updating Keras metric trackers: per-replica values that the loop sums across
-replicas. Every loss is averaged over the GLOBAL batch
+...)`` for every strategy (docs/DESIGN.md, contract 7: the one training loop), so a step
+returns plain tensors rather than updating Keras metric trackers: per-replica values
+that the loop sums across replicas. Every loss is averaged over the GLOBAL batch
 (``tf.nn.compute_average_loss``), and losses added with ``add_loss`` (the vector
 quantiser's) are divided by the number of replicas, so the sum over replicas is the
 mean over the global batch and gradients come out right under any strategy.
