@@ -208,7 +208,7 @@ def markdown(results, args, wall):
         "- **Fused PReLU** (`blocks.FusedPReLU`): Keras writes PReLU as `relu(x) - a * relu(-x)`, five "
         "element-wise passes forward and about seven backward; a hand-written gradient does the same "
         "function in three and four. 19 PReLUs in each x4 generator; in the Keras model and TFLite the "
-        "inference graph stays Keras' own (the converter's PRELU pattern).",
+        "inference graph stays Keras' own (the converter's PRELU pattern). It gave nothing measurable here: the element-wise passes are a small share of a step next to the convolutions.",
         "- **Split perceptual loss** (`losses.PerceptualLoss`): the backbone ran once on targets and "
         "predictions joined and the targets' half was stopped after it, so the backward pass still ran "
         "through both halves (with a zero gradient for the targets); two calls run it through the "
