@@ -122,6 +122,14 @@ def run(predictor, files, output_dir, tile, overlap, batch_size, progress=True, 
                 bar.set_postfix_str(f"{os.path.basename(path)} tile {done}/{total}")
 
             target = unique_output(upscaling.output_path(path, output_dir, predictor.scale), claimed)
+            if uncertainty:
+                beside = os.path.abspath(upscaling.uncertainty_path(target))
+                if beside in claimed:  # an input, or another file's output, of that name
+                    reports.append({"input": path, "status": "failed", "output": None,
+                                    "error": f"{path}: its uncertainty map would overwrite {beside}"})
+                    bar.update(1)
+                    continue
+                claimed.add(beside)
             reports.append(upscaling.upscale_file(predictor, path, output_dir, tile, overlap, batch_size,
                                                   output=target, progress=tiles, adapt=adapt,
                                                   uncertainty=uncertainty, threshold=threshold))

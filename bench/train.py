@@ -145,7 +145,7 @@ def worker(args):
         calls[f"step, {label}"] = step_fixed
         if args.fed:
             started = time.perf_counter()
-            train_data, _ = loop._datasets(config, strategy)
+            train_data, _ = loop.datasets(config, strategy)
             fed = iter(train_data)
 
             def step_fed(step=step, fed=fed):

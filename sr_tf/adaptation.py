@@ -31,6 +31,7 @@ DEFAULT_SECONDS = 60.0
 # input) hold too few pairs: on the development set the fine-tuning then overfits them
 # and costs up to several dB, so they are refused.
 MIN_SIDE = 64
+MAX_SLICES = 32  # a longer volume adapts to this many of its slices, evenly spaced
 # Presets that degrade by downsampling, and the one each adapts with. ``self_supervised``
 # models learned one bicubic step, which is what their pairs are made with here.
 _PAIR_PRESET = {"bicubic": "bicubic", "blur_downsample": "blur_downsample", "noisy": "noisy",
@@ -144,6 +145,8 @@ def adapt(model, slices, degradation="bicubic", steps=DEFAULT_STEPS, seconds=DEF
     slices = np.asarray(slices, np.float32)
     if slices.ndim == 2:
         slices = slices[np.newaxis]
+    if len(slices) > MAX_SLICES:  # evenly spaced through a long volume: bounded memory and set-up
+        slices = slices[np.linspace(0, len(slices) - 1, MAX_SLICES).round().astype(int)]
     side = min(slices.shape[1:3])
     size = min(int(patch), side) // scale * scale
     if side < MIN_SIDE or size < 2 * scale:

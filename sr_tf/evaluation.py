@@ -79,7 +79,7 @@ def _lr_and_hr(example, config):
 
     preset = "bicubic" if config.degradation == "self_supervised" else config.degradation
     base_seed = tf.random.experimental.stateless_fold_in(degrade.as_seed(config.seed), 0)
-    seed = pipeline._image_seed(base_seed, example)
+    seed = pipeline.image_seed(base_seed, example)
     return degrade.apply(preset, example["image"], config.scale, seed)
 
 

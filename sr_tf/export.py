@@ -390,7 +390,7 @@ def _family(model, training):
 
     if training.get("model"):
         return training["model"]
-    return next((name for name, cls in models._GENERATORS.items() if type(model) is cls), type(model).__name__)
+    return models.name_of(model) or type(model).__name__
 
 
 def last_validation(metrics_csv):

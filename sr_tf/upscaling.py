@@ -407,7 +407,13 @@ def _dicom_dataset(image, upscaled, predictor, indices, uncertainty=False):
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     source, scale = image.source, predictor.scale
-    convert, dtype = _dicom_converter(source)
+    if uncertainty:  # 16-bit unsigned, 0..65535 for 0 up to the window's width (_uncertainty_pixels)
+        dtype, span = np.dtype(np.uint16), image.hi - image.lo
+
+        def convert(values, frame):
+            return _rounded(values / span * 65535.0, 0, 65535, dtype)
+    else:
+        convert, dtype = _dicom_converter(source)
     frames = _to_output(image, upscaled, indices, scale, convert, dtype)
     ds = copy.deepcopy(source)
     # Decode every element (raw ones keep the input's encoding, e.g. an implicit VR found
@@ -441,8 +447,9 @@ def _dicom_dataset(image, upscaled, predictor, indices, uncertainty=False):
                                 f"pixel spacing divided by {scale}")[:1024]
     ds.SOPInstanceUID = generate_uid()
     original_series = str(source.get("SeriesInstanceUID", "") or source.get("SOPInstanceUID", ""))
-    series = [original_series, str(predictor.name), f"x{scale}"]
+    series = [original_series, str(predictor.name), f"x{scale}", *_series_options(predictor)]
     if uncertainty:
+        _uncertainty_pixels(ds, image.hi - image.lo)
         # Its own series, beside the upscaled one: the same grid, values in the image's units.
         ds.DerivationDescription = (f"Uncertainty map of the x{scale} output of {inference.describe(predictor)} "
                                     "(sr_tf upscale): the spread of the 8-fold self-ensemble and the "
@@ -464,6 +471,50 @@ def _dicom_dataset(image, upscaled, predictor, indices, uncertainty=False):
     if "ImplementationVersionName" in meta:
         del meta.ImplementationVersionName
     return ds
+
+
+def _series_options(predictor):
+    """What, beside the model and the scale, makes the pixels of an upscaled series: so
+    that outputs with and without projection, ensemble or adaptation are never one series."""
+    options = []
+    if getattr(inference.innermost(predictor), "adaptation", None) is not None:
+        options.append(f"adapted seed {inference.innermost(predictor).adaptation.seed}")
+    wrapper = predictor
+    while getattr(wrapper, "inner", None) is not None:
+        if getattr(wrapper, "ensemble_description", None):
+            options.append("ensemble")
+        wrapper = wrapper.inner
+    if predictor.projection is not None:
+        card = predictor.projection.card()
+        options.append("projection " + " ".join(f"{k}={card[k]}" for k in sorted(card) if k != "description"))
+    return options
+
+
+def _uncertainty_pixels(ds, span):
+    """The pixel description of an uncertainty map: 16-bit unsigned MONOCHROME2 (no
+    polarity inversion, whatever the input's), a linear rescale that reads back the
+    uncertainty in the image's units (``span`` the window's width over 65535 per stored
+    step, intercept 0), no Modality LUT and no display window (the input's would hide it)."""
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for keyword in ("ModalityLUTSequence", "WindowCenter", "WindowWidth", "WindowCenterWidthExplanation",
+                    "VOILUTSequence"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if "PresentationLUTShape" in ds:
+        ds.PresentationLUTShape = "IDENTITY"
+    slope = _ds_number(span / 65535.0)
+    groups = [item for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+              for item in ds.get(key) or []]
+    for group in groups:
+        if "FrameVOILUTSequence" in group:
+            del group.FrameVOILUTSequence
+        for item in group.get("PixelValueTransformationSequence") or []:
+            item.RescaleSlope, item.RescaleIntercept = slope, _ds_number(0.0)
+    if not any("PixelValueTransformationSequence" in group for group in groups):
+        ds.RescaleSlope, ds.RescaleIntercept = slope, _ds_number(0.0)
+        if str(ds.get("Modality", "")) != "CT":  # CT rescales to HU; other units are unspecified
+            ds.RescaleType = "US"
 
 
 def _write_dicom(image, upscaled, predictor, indices, fileobj, uncertainty=False):
@@ -525,6 +576,8 @@ def _nifti_image(image, upscaled, predictor, indices, uncertainty=False):
             set_(affine @ to_old, code=int(code))
     projected = "" if predictor.projection is None else f" +projection {predictor.projection.iterations}"
     header["descrip"] = f"sr_tf {'uncertainty ' if uncertainty else ''}x{scale} {predictor.name}{projected}"[:79]
+    if uncertainty:  # the input's display range would show the map almost black
+        header["cal_min"], header["cal_max"] = 0.0, 0.0
     out = type(source)(data, None, header=header)
     if (slope, inter) != (1.0, 0.0):
         out.header.set_slope_inter(slope, inter)  # the constructor resets scaling
@@ -721,10 +774,12 @@ def upscale_file(predictor, path, output_dir, tile=inference.DEFAULT_TILE, overl
         report["output_shape"] = list(upscaled.shape)
         if uncertainty:
             _refuse_input(path, uncertainty_path(target))
+        written = write(image, upscaled, predictor, target)
+        if uncertainty:  # after the output: a failed output leaves no map behind
             threshold = ensemble.DEFAULT_THRESHOLD if threshold is None else float(threshold)
             report["uncertainty"] = {"output": write(image, maps, predictor, uncertainty_path(target), uncertainty=True),
                                      "threshold": threshold, "fraction_above": ensemble.fraction_above(maps, threshold)}
-        report["output"] = write(image, upscaled, predictor, target)
+        report["output"] = written
         report["status"] = "ok"
     except UpscaleError as exc:
         report["error"] = str(exc)

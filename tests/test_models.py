@@ -75,6 +75,9 @@ def test_registry_names_and_errors():
         models.build_discriminator("residual_cnn")
     with pytest.raises(ValueError, match="vq_autoencoder"):
         models.is_gan("vqvae")
+    for name in models.NAMES:
+        assert models.name_of(models.build(name, scale=2, **TINY[name])) == name
+    assert models.name_of(keras.Sequential()) is None
 
 
 @pytest.mark.parametrize(

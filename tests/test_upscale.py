@@ -653,7 +653,7 @@ def test_special_files_in_an_input_folder_are_never_opened(testdata, tmp_path):
 # ----------------------------------------------------------------------------- uncertainty, adaptation
 
 
-def test_uncertainty_maps_beside_each_format(testdata, tmp_path):
+def test_uncertainty_maps_beside_each_format(testdata, monochrome1_crop, tmp_path):
     """--uncertainty: a DICOM in its own series on the output's grid that dciodvfy accepts
     with no new errors, a NIfTI with the output's geometry, a 16-bit PNG; each holds the
     self-ensemble spread and the consistency residual in the image's units, and the
@@ -689,6 +689,28 @@ def test_uncertainty_maps_beside_each_format(testdata, tmp_path):
     assert mapped.shape == upscaled.shape
     np.testing.assert_allclose(mapped.affine, upscaled.affine)
     assert mapped.header["descrip"].tobytes().startswith(b"sr_tf uncertainty x2")
+    assert float(mapped.header["cal_max"]) == 0.0
+    # The map reads back in the image's units from its own linear rescale: uint16 MONOCHROME2
+    # whatever the input (the MONOCHROME1 radiograph, a multi-frame MR), no window.
+    assert (uncertainty.PhotometricInterpretation, uncertainty.BitsStored, uncertainty.PixelRepresentation) == (
+        "MONOCHROME2", 16, 0)
+    assert "WindowCenter" not in uncertainty and "ModalityLUTSequence" not in uncertainty
+    maps = {}
+    for name in ("RG1_crop.dcm", "emri_small_RLE.dcm"):
+        source = monochrome1_crop if name == "RG1_crop.dcm" else testdata(name)
+        report = upscaling.upscale_file(predictor, source, tmp_path / "more", tile=64, overlap=8, uncertainty=True)
+        assert report["status"] == "ok", report["error"]
+        written = pydicom.dcmread(report["uncertainty"]["output"])
+        assert written.PhotometricInterpretation == "MONOCHROME2"
+        maps[name] = pydicom.pixels.apply_modality_lut(written.pixel_array, written)
+        # no error that the input or the upscaled output itself does not have
+        assert dciodvfy_errors(report["uncertainty"]["output"]) <= (dciodvfy_errors(source)
+                                                                    | dciodvfy_errors(report["output"]))
+    assert np.median(maps["RG1_crop.dcm"]) < 0.05 * 4095  # near zero where the model agrees, not inverted
+    assert maps["emri_small_RLE.dcm"].shape[0] == 10  # every frame
+    # Outputs made with other options are other series: with and without the ensemble.
+    plain_ds = pydicom.dcmread(upscaling.upscale_file(Nearest(), ct, tmp_path / "plain_series")["output"])
+    assert plain_ds.SeriesInstanceUID != image.SeriesInstanceUID
     # Without the spread there is nothing to map: the file fails with the reason.
     plain = upscaling.upscale_file(Nearest(), ct, tmp_path / "plain", uncertainty=True)
     assert plain["status"] == "failed" and "needs the self-ensemble's spread" in plain["error"]

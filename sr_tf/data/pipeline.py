@@ -191,7 +191,7 @@ def make_dataset(
             hr = _center_crop(example["image_uint16"], patch_size, divisor)
             if hr_only:
                 return hr
-            return degrade.apply(degradation, hr, scale, _image_seed(base_seed, example))
+            return degrade.apply(degradation, hr, scale, image_seed(base_seed, example))
 
         examples = images.map(center_example, num_parallel_calls=AUTOTUNE, deterministic=True)
         if use_cache:
@@ -424,7 +424,7 @@ def _derive_seeds(seed, count, index=None):
     return tf.unstack(tf.random.experimental.stateless_split(seed, count))
 
 
-def _image_seed(base_seed, example):
+def image_seed(base_seed, example):
     """A degradation seed fixed by the image's identity, whatever the reading order."""
     identity = tf.strings.join([example["source"], tf.strings.as_string(example["slice_index"])], "#")
     return tf.random.experimental.stateless_fold_in(base_seed, tf.strings.to_hash_bucket_fast(identity, 2**62))

@@ -39,6 +39,11 @@ def _check_name(name):
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMES)}")
 
 
+def name_of(model):
+    """The registry name of ``model``'s class (``"swift_srgan"``, ...), or None."""
+    return next((name for name, cls in _GENERATORS.items() if type(model) is cls), None)
+
+
 def is_gan(name):
     """True for the models trained adversarially (they have a discriminator)."""
     _check_name(name)

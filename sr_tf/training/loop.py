@@ -287,7 +287,7 @@ def _degrade_on_device(config):
 # ----------------------------------------------------------------------------- data
 
 
-def _datasets(config, strategy):
+def datasets(config, strategy):
     from sr_tf.data import pipeline
 
     on_device = _degrade_on_device(config)
@@ -484,7 +484,7 @@ def train(config, flags_text=None, strategy=None):
             f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --run_dir"
         )
 
-    train_data, val = _datasets(config, strategy)
+    train_data, val = datasets(config, strategy)
     iterator = iter(train_data)
     steps = {}
 

@@ -1,4 +1,4 @@
-"""Trainers: Keras models whose ``train_step`` and ``test_step`` hold the whole update.
+"""Trainers: Keras models whose ``train_step`` holds the whole update.
 
 They are driven by :mod:`sr_tf.training.loop` through ``strategy.run(trainer.train_step,
 ...)`` for every strategy (docs/DESIGN.md, contract 7: the one training loop), so a step
@@ -17,8 +17,6 @@ import contextlib
 
 import keras
 import tensorflow as tf
-
-from sr_tf import metrics
 
 
 def _replica_context():
@@ -128,26 +126,6 @@ class _Base(keras.Model):
             # Vector-quantiser codebook/commitment terms: batch means per replica.
             losses["vq"] = tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.generator.losses]))
         return losses
-
-    def test_step(self, data):
-        """Sums (not means) of PSNR/SSIM of the model and of bicubic, with the count.
-
-        Whole images or fixed crops, degraded exactly as in training; the scale's
-        border is shaved. The loop sums across replicas and batches, then divides.
-        """
-        lr, hr = self._batch(data, tf.constant(0, tf.int64))
-        sr = tf.clip_by_value(tf.cast(self.generator(lr, training=False), tf.float32), 0.0, 1.0)
-        size = tf.shape(hr)[1:3]
-        if lr.shape[1] is not None and hr.shape[1] is not None and lr.shape[1] == hr.shape[1]:
-            baseline = lr  # same-size restoration: the input itself is the baseline
-        else:
-            baseline = metrics.upsample(lr, size, "bicubic")
-        border = self.scale
-        out = {"count": tf.cast(tf.shape(hr)[0], tf.float32)}
-        for name, image in (("", sr), ("bicubic_", baseline)):
-            out[name + "psnr"] = tf.reduce_sum(tf.minimum(metrics.psnr(hr, image, border=border), 100.0))
-            out[name + "ssim"] = tf.reduce_sum(metrics.ssim(hr, image, border=border))
-        return out
 
 
 class SupervisedTrainer(_Base):
