@@ -273,11 +273,7 @@ def run_upscale(predictor, image, slices, tile, overlap, adapt=None):
 
 def _has_spread(predictor):
     """Whether ``predictor`` runs the self-ensemble with its spread (under any projection)."""
-    while predictor is not None:
-        if isinstance(predictor, ensemble.EnsemblePredictor):
-            return predictor.spread
-        predictor = getattr(predictor, "inner", None)
-    return False
+    return any(isinstance(link, ensemble.EnsemblePredictor) and link.spread for link in inference.chain(predictor))
 
 
 def result_for(predictor, image, key, name, slices, tile, overlap, adapt=None):

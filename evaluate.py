@@ -35,11 +35,8 @@ flags.DEFINE_integer("tile", inference.DEFAULT_TILE, "LR tile size for tiled inf
 flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR tile overlap.")
 flags.DEFINE_integer("max_images", 0, "Evaluate at most this many images (0: all).")
 flags.DEFINE_integer("figures", 4, "Comparison figures for the first N images.")
-flags.DEFINE_enum("consistency", consistency.DEFAULT_MODE, list(consistency.MODES),
-                  "project: report the model and the model followed by data-consistency projection "
-                  "(model+projection); none: the model alone.")
-flags.DEFINE_integer("consistency_iterations", consistency.DEFAULT_ITERATIONS, "Back-projection iterations.")
-flags.DEFINE_float("consistency_step", consistency.DEFAULT_STEP, "Back-projection step size, in (0, 2).")
+consistency.define_flags("project: report the model and the model followed by data-consistency projection "
+                         "(model+projection); none: the model alone.")
 flags.DEFINE_bool("ensemble", False, "Also report the model averaged over the 8 flips and rotations (model+ensemble).")
 flags.DEFINE_integer("adapt_steps", 0, "Also report a copy of the model adapted to each image for this many "
                      "self-supervised steps (model+adaptation; 0: off; Keras models only).")

@@ -32,11 +32,8 @@ flags.DEFINE_integer("calibration_samples", 100, "LR training patches that calib
 flags.DEFINE_enum("degradation", None, ["bicubic", "blur_downsample", "noisy", "bilinear_artifacts",
                                         "self_supervised"], "Degradation; default: the one the model trained with.")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration patches and parity images.")
-flags.DEFINE_enum("consistency", consistency.DEFAULT_MODE, list(consistency.MODES),
-                  "project: bake data-consistency projection after the model into the SavedModel and TFLite "
-                  "graphs; none: export the model alone.")
-flags.DEFINE_integer("consistency_iterations", consistency.DEFAULT_ITERATIONS, "Back-projection iterations.")
-flags.DEFINE_float("consistency_step", consistency.DEFAULT_STEP, "Back-projection step size, in (0, 2).")
+consistency.define_flags("project: bake data-consistency projection after the model into the SavedModel and TFLite "
+                         "graphs; none: export the model alone.")
 
 
 def _summary(report):

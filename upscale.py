@@ -37,11 +37,8 @@ flags.DEFINE_integer("tile", inference.DEFAULT_TILE, "LR tile size in pixels for
 flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by neighbouring tiles; the seam is at its middle, so at "
                      "least twice the model's receptive-field radius.")
 flags.DEFINE_integer("batch_size", inference.DEFAULT_BATCH, "Tiles per model call.")
-flags.DEFINE_enum("consistency", consistency.DEFAULT_MODE, list(consistency.MODES),
-                  "project: data-consistency projection after the model (its output, degraded again, reproduces "
-                  "the input); none: the model's output as it is.")
-flags.DEFINE_integer("consistency_iterations", consistency.DEFAULT_ITERATIONS, "Back-projection iterations.")
-flags.DEFINE_float("consistency_step", consistency.DEFAULT_STEP, "Back-projection step size, in (0, 2).")
+consistency.define_flags("project: data-consistency projection after the model (its output, degraded again, reproduces "
+                         "the input); none: the model's output as it is.")
 flags.DEFINE_bool("ensemble", False, "Average the model over the 8 flips and rotations of its input (8x the time).")
 flags.DEFINE_bool("uncertainty", False, "Also write an uncertainty map beside each output (implies --ensemble).")
 flags.DEFINE_float("uncertainty_threshold", ensemble.DEFAULT_THRESHOLD, "Uncertainty (in [0, 1] units of the "

@@ -89,6 +89,17 @@ class Projection:
         return cls(int(entry["scale"]), entry["degradation"], int(entry["iterations"]), float(entry["step"]))
 
 
+def define_flags(mode_help):
+    """Define the front ends' ``--consistency`` (with ``mode_help``: what "project" and
+    "none" do there), ``--consistency_iterations`` and ``--consistency_step`` absl flags,
+    with this module's defaults; :func:`check` validates their values."""
+    from absl import flags
+
+    flags.DEFINE_enum("consistency", DEFAULT_MODE, list(MODES), mode_help)
+    flags.DEFINE_integer("consistency_iterations", DEFAULT_ITERATIONS, "Back-projection iterations.")
+    flags.DEFINE_float("consistency_step", DEFAULT_STEP, f"Back-projection step size, in (0, {MAX_STEP:g}).")
+
+
 def check(mode="project", iterations=DEFAULT_ITERATIONS, step=DEFAULT_STEP):
     """ConsistencyError naming the flag and the value unless ``mode`` is one of ``MODES``,
     ``iterations`` a non-negative integer and ``0 < step < MAX_STEP``."""

@@ -213,13 +213,10 @@ def run(predictor, config, output_dir, progress=True):
 
 def _adapted(predictor, lr, config):
     """A predictor of ``predictor``'s model adapted to ``lr`` (``sr_tf.adaptation``)."""
-    from sr_tf import adaptation
-
     keywords = dict(steps=config.adapt_steps, seed=config.adapt_seed)
     if config.adapt_seconds is not None:
         keywords["seconds"] = config.adapt_seconds
-    model, _ = adaptation.adapt(predictor.model, lr, degradation=config.degradation, **keywords)
-    return inference.KerasPredictor(model, predictor.path, predictor.name, predictor.config, predictor.card)
+    return inference.adapted(predictor, lr, degradation=config.degradation, **keywords)
 
 
 def write_csv(rows, path):

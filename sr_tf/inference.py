@@ -170,11 +170,18 @@ class ProjectedPredictor(Predictor):
         return projected if out.shape[-1] == 1 else np.concatenate([projected, out[..., 1:]], axis=-1)
 
 
+def chain(predictor):
+    """``predictor`` and every predictor it wraps (projection, ensemble), outermost first;
+    the last runs the model itself."""
+    links = [predictor]
+    while getattr(links[-1], "inner", None) is not None:
+        links.append(links[-1].inner)
+    return links
+
+
 def innermost(predictor):
     """The predictor that runs the model itself, under any wrappers (projection, ensemble)."""
-    while getattr(predictor, "inner", None) is not None:
-        predictor = predictor.inner
-    return predictor
+    return chain(predictor)[-1]
 
 
 def replace_innermost(predictor, model_predictor):
@@ -189,6 +196,23 @@ def replace_innermost(predictor, model_predictor):
     return wrapper
 
 
+def adapted(predictor, slices, degradation=None, **keywords):
+    """``predictor`` with its model replaced by a copy adapted to ``slices`` (the LR
+    input, ``sr_tf.adaptation.adapt`` with ``keywords``: steps, seconds, seed, ...), the
+    report on the copy's ``adaptation``; the same wrappers around it. AdaptationError
+    when the model is not a Keras model or cannot be adapted."""
+    from sr_tf import adaptation
+
+    base = innermost(predictor)
+    if not isinstance(base, KerasPredictor):
+        raise adaptation.AdaptationError("per-scan adaptation needs a Keras model (.keras, a run folder or a zoo "
+                                         f"name); {base.path} is a {base.kind} model")
+    model, report = adaptation.adapt(base.model, slices, degradation=degradation or degradation_of(base), **keywords)
+    copy = KerasPredictor(model, base.path, base.name, base.config, base.card)
+    copy.adaptation = report
+    return replace_innermost(predictor, copy)
+
+
 def describe(predictor):
     """What ``predictor`` runs, in words, for a DerivationDescription or a report: the
     model, then any adaptation, self-ensemble and projection, in the order they run."""
@@ -196,11 +220,7 @@ def describe(predictor):
     parts = [f"the model {model.name}"]
     if getattr(model, "adaptation", None) is not None:
         parts.append(model.adaptation.describe())
-    wrapper, wrappers = predictor, []
-    while getattr(wrapper, "inner", None) is not None:
-        wrappers.append(wrapper)
-        wrapper = wrapper.inner
-    for wrapper in reversed(wrappers):  # innermost first: the order they run in
+    for wrapper in reversed(chain(predictor)[:-1]):  # innermost first: the order they run in
         if getattr(wrapper, "ensemble_description", None):
             parts.append(wrapper.ensemble_description)
     if predictor.projection is not None:

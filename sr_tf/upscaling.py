@@ -476,14 +476,9 @@ def _dicom_dataset(image, upscaled, predictor, indices, uncertainty=False):
 def _series_options(predictor):
     """What, beside the model and the scale, makes the pixels of an upscaled series: so
     that outputs with and without projection, ensemble or adaptation are never one series."""
-    options = []
-    if getattr(inference.innermost(predictor), "adaptation", None) is not None:
-        options.append(f"adapted seed {inference.innermost(predictor).adaptation.seed}")
-    wrapper = predictor
-    while getattr(wrapper, "inner", None) is not None:
-        if getattr(wrapper, "ensemble_description", None):
-            options.append("ensemble")
-        wrapper = wrapper.inner
+    *wrappers, model = inference.chain(predictor)
+    options = [f"adapted seed {model.adaptation.seed}"] if getattr(model, "adaptation", None) is not None else []
+    options += ["ensemble" for wrapper in wrappers if getattr(wrapper, "ensemble_description", None)]
     if predictor.projection is not None:
         card = predictor.projection.card()
         options.append("projection " + " ".join(f"{k}={card[k]}" for k in sorted(card) if k != "description"))
@@ -730,18 +725,10 @@ def adapted(predictor, image, adapt):
     model is not a Keras model or cannot be adapted."""
     from sr_tf import adaptation
 
-    base = inference.innermost(predictor)
-    if not isinstance(base, inference.KerasPredictor):
-        raise UpscaleError(f"{image.path}: per-scan adaptation needs a Keras model (.keras, a run folder or a "
-                           f"zoo name); {base.path} is a {base.kind} model")
     try:
-        model, report = adaptation.adapt(base.model, image.slices, degradation=inference.degradation_of(base),
-                                         **adapt)
+        return inference.adapted(predictor, image.slices, **adapt)
     except adaptation.AdaptationError as exc:
         raise UpscaleError(f"{image.path}: {exc}") from exc
-    copy = inference.KerasPredictor(model, base.path, base.name, base.config, base.card)
-    copy.adaptation = report
-    return inference.replace_innermost(predictor, copy)
 
 
 def upscale_file(predictor, path, output_dir, tile=inference.DEFAULT_TILE, overlap=inference.DEFAULT_OVERLAP,
