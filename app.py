@@ -22,7 +22,7 @@ import time
 import numpy as np
 import streamlit as st
 
-from data_prep import samples
+from sr_tf.io import samples
 from sr_tf import adaptation, consistency, display, ensemble, inference, upscaling, zoo
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +30,7 @@ MODEL_ROOTS = ("saved_models/exports", "runs")  # beside the zoo models, which z
 MODEL_ENV = "SR_APP_MODEL"  # a model path to start with
 OTHER_MODEL = "another path..."
 DISPLAY_SIDE = 768  # pixels of the longer side of each panel
-# What the embedded samples are (data_prep.samples), so that a reviewer knows what a
+# What the embedded samples are (sr_tf.io.samples), so that a reviewer knows what a
 # click will run: the radiograph at x4 is 7820 x 7364 pixels of output.
 SAMPLE_NOTES = {
     "RG1_UNCI.dcm": "chest radiograph, 1955 x 1841",

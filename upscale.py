@@ -58,7 +58,8 @@ def collect_inputs(inputs, output_dir):
     Unknown formats are failures when named explicitly and skipped when found in a
     folder or by a glob, as are files found inside the output folder (earlier outputs).
     """
-    from data_prep import convert, readers
+    from sr_tf import conversion as convert
+    from sr_tf.io import readers
 
     items = [part.strip() for value in inputs for part in value.split(",") if part.strip()]
     found, missing = convert.expand_inputs(items)
@@ -156,7 +157,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.model or not FLAGS.output or not FLAGS.input:
         raise app.UsageError("--model, --input and --output are required")
-    from data_prep.writer import write_json_atomic
+    from sr_tf.io.files import write_json_atomic
 
     try:
         inference.check_tiling(FLAGS.tile, FLAGS.overlap, FLAGS.batch_size)
@@ -174,7 +175,7 @@ def main(argv):
         raise app.UsageError(f"--uncertainty_threshold must be >= 0, got {FLAGS.uncertainty_threshold}")
     if FLAGS.max_pixels < 0:
         raise app.UsageError(f"--max_pixels must be 0 (no limit) or positive, got {FLAGS.max_pixels}")
-    from data_prep import readers
+    from sr_tf.io import readers
 
     readers.max_pixels_limit = FLAGS.max_pixels
     files, failures, skipped = collect_inputs(FLAGS.input, FLAGS.output)

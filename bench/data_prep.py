@@ -26,7 +26,7 @@ flags.DEFINE_integer("copies", 8, "Copies of the sample set in the larger measur
 
 
 def convert_once(workers, paths, split_map):
-    from data_prep import convert
+    from sr_tf import conversion as convert
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -61,7 +61,7 @@ def replicate(paths, copies, folder):
 
 def main(argv):
     del argv
-    from data_prep import samples
+    from sr_tf.io import samples
 
     paths = samples.sample_paths()
     convert_once(1, paths, samples.SAMPLE_SPLITS)  # warm-up: imports, file cache

@@ -130,7 +130,8 @@ def timed_rate(next_batch, batch_size, seconds):
 
 
 def sample_records(folder):
-    from data_prep import convert, samples
+    from sr_tf import conversion as convert
+    from sr_tf.io import samples
 
     convert.convert(samples.sample_paths(), folder, convert.Options(split_map=samples.SAMPLE_SPLITS), progress=False)
     return folder

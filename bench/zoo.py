@@ -4,7 +4,7 @@
     python -m bench.zoo --models residual_cnn_x2 --no_write
 
 For each model in saved_models/ (``sr_tf.zoo``), the development set (real MR and CT
-images the sample set lacks: ``data_prep.samples.DEVELOPMENT_DICOMS``) is degraded as
+images the sample set lacks: ``sr_tf.io.samples.DEVELOPMENT_DICOMS``) is degraded as
 the model was trained (its degradation and scale, the same per-image seed as evaluate.py)
 and the model is measured beside nearest, bilinear, bicubic and Lanczos upsampling of the
 same LR: PSNR, SSIM and data consistency per image, per modality and pooled, with one
@@ -230,7 +230,7 @@ def extras_table(rows, names):
 
 
 def document(rows, names, figures, machine, adapt_steps=0):
-    from data_prep import samples
+    from sr_tf.io import samples
     from sr_tf import zoo
 
     images = list(dict.fromkeys(r["image"] for r in rows))

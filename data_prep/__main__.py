@@ -42,7 +42,8 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def options_from_flags():
-    from data_prep import convert, samples
+    from sr_tf import conversion as convert
+    from sr_tf.io import samples
 
     split_map = {}
     if FLAGS.samples:
@@ -91,7 +92,8 @@ def summarize(manifest, output):
 
 
 def main(argv):
-    from data_prep import convert, samples
+    from sr_tf import conversion as convert
+    from sr_tf.io import samples
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

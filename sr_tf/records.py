@@ -28,6 +28,8 @@ import os
 import cv2
 import numpy as np
 
+from sr_tf.io.files import file_sha256  # noqa: F401  (the one checksum; records.file_sha256)
+
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".tfrecord"
@@ -180,15 +182,6 @@ def read_manifest(records_dir):
     return manifest
 
 
-def file_sha256(path):
-    """Hex SHA-256 of a file, read in 1 MB blocks."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # (path, size, mtime) -> SHA-256 of the shards already checked in this process, so that

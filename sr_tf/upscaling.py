@@ -40,14 +40,13 @@ import dataclasses
 import gzip
 import io
 import os
-import re
 import time
-import uuid
 
 import numpy as np
 
-from data_prep import readers
+from sr_tf.io import readers
 from sr_tf import inference, intensity
+from sr_tf.io import files
 
 # Elements computed from the old pixel data, or describing its encoding, that no longer hold.
 _STALE_DICOM = (
@@ -681,20 +680,6 @@ def _refuse_input(image_path, target):
         raise UpscaleError(f"{image_path}: refusing to overwrite the input with its output")
 
 
-def _remove_stale_temporaries(folder, name):
-    """Remove the partial files an interrupted (killed) earlier write of ``name`` left:
-    ``.<name>.<8 hex>.tmp``, the names only :func:`write` makes, older than a minute (so a
-    write of the same name running right now in another process is left alone)."""
-    pattern = re.compile(r"^\." + re.escape(name) + r"\.[0-9a-f]{8}\.tmp$")
-    for entry in os.listdir(folder):
-        path = os.path.join(folder, entry)
-        try:
-            if pattern.match(entry) and time.time() - os.path.getmtime(path) > 60:
-                os.remove(path)
-        except OSError:
-            pass
-
-
 def write(image, upscaled, predictor, output_path, slices=None, uncertainty=False):
     """Write the upscaled slices in the input's own format to ``output_path`` (under a
     temporary name, then renamed; never over the input). Returns the path.
@@ -702,19 +687,8 @@ def write(image, upscaled, predictor, output_path, slices=None, uncertainty=Fals
     of its own (``_as_uncertainty``; for DICOM in its own series)."""
     target = os.fspath(output_path)
     _refuse_input(image.path, target)
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    _remove_stale_temporaries(folder, os.path.basename(target))
-    temporary = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temporary, "xb") as f:
-            _encode(image, upscaled, predictor, slices, f, uncertainty)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with files.atomic_open(target, "wb") as f:
+        _encode(image, upscaled, predictor, slices, f, uncertainty)
     return target
 
 

@@ -13,7 +13,7 @@ wherever a model path does, the way Keras Hub presets do (``from_preset``); a pa
 exists always wins over a name.
 
 Every recipe trains on the embedded sample set only; the development set (real images
-of modalities and scanners the sample set lacks, ``data_prep.samples.DEVELOPMENT_DICOMS``)
+of modalities and scanners the sample set lacks, ``sr_tf.io.samples.DEVELOPMENT_DICOMS``)
 is for quality figures, never for training.
 """
 
@@ -236,7 +236,7 @@ def machine():
 def _records(folder, paths, split_map, progress=False):
     """The records in ``folder``, converted from ``paths`` with ``split_map`` when the
     folder holds no readable manifest yet; returns the manifest."""
-    from data_prep import convert
+    from sr_tf import conversion as convert
     from sr_tf import records
 
     try:
@@ -249,7 +249,7 @@ def _records(folder, paths, split_map, progress=False):
 def development_records():
     """The development held-out set as records (built once into ``DEVELOPMENT_DIR``),
     every image in the ``test`` split."""
-    from data_prep import samples
+    from sr_tf.io import samples
 
     counts = _records(DEVELOPMENT_DIR, samples.development_paths, samples.DEVELOPMENT_SPLITS)["counts"]
     if counts.get("train") or counts.get("val") or not counts.get("test"):
@@ -259,7 +259,7 @@ def development_records():
 
 def sample_records(folder=SAMPLES_DIR, progress=False):
     """The embedded sample set as records in ``folder`` (converted once); returns the folder."""
-    from data_prep import samples
+    from sr_tf.io import samples
 
     _records(folder, samples.sample_paths, samples.SAMPLE_SPLITS, progress)
     return folder
@@ -317,6 +317,7 @@ def package(name, say=print):
     build is replaced only then. Returns the model card.
     """
     from sr_tf import evaluation, export
+    from sr_tf.io import files
 
     recipe = _recipe(name)
     run_dir = os.path.join(RUNS_DIR, name)
@@ -362,7 +363,7 @@ def package(name, say=print):
             files=[export._file_entry(staging, KERAS_FILE), export._file_entry(staging, TFLITE_FILE)],
             consistency_warning=evaluation.consistency_warning(summary["all"]),
         )
-        export.write_json(os.path.join(staging, CARD_FILE), _relative(model_card))
+        files.write_json_atomic(os.path.join(staging, CARD_FILE), _relative(model_card))
         export._publish(staging, os.path.abspath(folder(name)))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -394,6 +395,6 @@ def _evaluation_entry(summary):
 
 
 def _development_names():
-    from data_prep import samples
+    from sr_tf.io import samples
 
     return samples.DEVELOPMENT_DICOMS

@@ -16,8 +16,9 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
 
-from data_prep import convert, readers
-from data_prep.writer import ShardWriter
+from sr_tf import conversion as convert
+from sr_tf.io import readers
+from sr_tf.io.shards import ShardWriter
 from sr_tf import intensity, records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -335,7 +336,7 @@ def test_rerun_replaces_the_output_and_leaves_no_old_shards(testdata, tmp_path):
 KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
-    from data_prep.writer import ShardWriter
+    from sr_tf.io.shards import ShardWriter
     with ShardWriter(sys.argv[1], shard_size_mb=0.0005) as writer:
         payload = bytes(400)
         for i in range(10**6):
@@ -350,7 +351,7 @@ KILLED_WRITER = textwrap.dedent(
 def test_writer_killed_mid_shard_leaves_nothing_listed_incomplete(testdata, tmp_path):
     """Also: while a conversion runs, a second one into the same folder is refused (the
     first one's shards survive); the killed run's lock is taken over by the next run."""
-    from data_prep.writer import LOCK_NAME, OutputLockedError
+    from sr_tf.io.shards import LOCK_NAME, OutputLockedError
 
     out = tmp_path / "out"
     run([testdata("CT_small.dcm")], out)
@@ -414,7 +415,7 @@ def test_cli_exit_codes_and_console_summary(testdata, tmp_path):
 
 
 def test_sample_set_has_every_split_non_empty(tmp_path):
-    from data_prep import samples
+    from sr_tf.io import samples
 
     manifest = run(samples.sample_paths(), tmp_path / "samples", split_map=samples.SAMPLE_SPLITS,
                    val_fraction=0.1, test_fraction=0.1)

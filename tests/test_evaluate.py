@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from data_prep import convert
+from sr_tf import conversion as convert
 from sr_tf import evaluation, inference, metrics, records
 from sr_tf.training import loop
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_prep import convert
+from sr_tf import conversion as convert
 from sr_tf import export, inference, models
 from sr_tf.models import blocks
 from sr_tf.training import loop

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_prep.writer import ShardWriter
+from sr_tf.io.shards import ShardWriter
 from sr_tf import intensity, records
 from sr_tf.data import degrade, pipeline
 
@@ -312,7 +312,7 @@ def test_shards_are_checked_against_the_manifest(tmp_path, testdata, monkeypatch
     batch is made; the SHA-256 check can be skipped for very large data."""
     import shutil
 
-    from data_prep import convert
+    from sr_tf import conversion as convert
 
     out = tmp_path / "records"
     split_map = {"1CT1": "train", "CQ500-CT-310": "train", "4MR1": "val"}

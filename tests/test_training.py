@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_prep import convert
+from sr_tf import conversion as convert
 from sr_tf import records
 from sr_tf.training import loop
 

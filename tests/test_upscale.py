@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from data_prep import readers
+from sr_tf.io import readers
 from sr_tf import inference, upscaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

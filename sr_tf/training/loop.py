@@ -337,7 +337,7 @@ class _Stop:
 
 def _write_config(config, run_dir, flags_text=None):
     os.makedirs(run_dir, exist_ok=True)
-    from data_prep.writer import write_json_atomic
+    from sr_tf.io.files import write_json_atomic
 
     write_json_atomic(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
     if flags_text:
@@ -572,7 +572,7 @@ def train(config, flags_text=None, strategy=None):
         weights = average.applied(generator.trainable_variables) if kept == "average" else contextlib.nullcontext()
         with weights:
             generator.save(os.path.join(run_dir, "generator.keras"))
-        from data_prep.writer import write_json_atomic
+        from sr_tf.io.files import write_json_atomic
 
         write_json_atomic(os.path.join(run_dir, "result.json"), {
             "step": int(step.numpy()), "timed_out": timed_out,

@@ -17,21 +17,12 @@ import socket
 import uuid
 
 from sr_tf import records
+from sr_tf.io.files import file_sha256, write_json_atomic
 
 # Files this writer creates: finished shards and shards still being written.
 _OWN_FILE = re.compile(
     r"^\.?(train|val|test)-\d{5}-\d{8}T\d{6}-[0-9a-f]{6}" + re.escape(records.SHARD_SUFFIX) + r"(\.incomplete)?$"
 )
-
-
-def write_json_atomic(path, payload):
-    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 LOCK_NAME = ".data_prep.lock"
@@ -160,7 +151,7 @@ class ShardWriter:
                 "split": split,
                 "records": n_records,
                 "bytes": os.path.getsize(final),
-                "sha256": records.file_sha256(final),
+                "sha256": file_sha256(final),
             }
         )
 

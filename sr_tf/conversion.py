@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 
-from data_prep import readers
-from data_prep.writer import ShardWriter
+from sr_tf.io import readers
+from sr_tf.io.shards import ShardWriter
 from sr_tf import intensity, records
 
 log = logging.getLogger(__name__)
