@@ -68,7 +68,7 @@ import numpy as np
 import tensorflow as tf
 
 from sr_tf import inference, records
-from sr_tf.io import files
+from sr_tf.io import files as io_files
 
 VARIANTS = ("float32", "float16", "dynamic_int8", "int8")
 # Minimum PSNR (dB) of each form's output against the Keras model's.
@@ -421,7 +421,7 @@ def _file_entry(folder, relative):
     if os.path.isdir(path):
         size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
         return {"path": relative + "/", "bytes": size}
-    return {"path": relative, "bytes": os.path.getsize(path), "sha256": files.file_sha256(path)}
+    return {"path": relative, "bytes": os.path.getsize(path), "sha256": io_files.file_sha256(path)}
 
 
 def _consistency_entry(projection, files=None):
@@ -560,8 +560,8 @@ def export(model_path, output_dir, data=None, variants=VARIANTS, calibration_sam
         name = os.path.basename(os.path.abspath(output_dir))
         validation = last_validation(os.path.join(os.path.dirname(os.path.abspath(predictor.path)), "metrics.csv"))
         card = model_card(name, model, training, settings, records_dir, validation, files, projection)
-        files.write_json_atomic(os.path.join(staging, REPORT), report)
-        files.write_json_atomic(os.path.join(staging, inference.MODEL_CARD), card)
+        io_files.write_json_atomic(os.path.join(staging, REPORT), report)
+        io_files.write_json_atomic(os.path.join(staging, inference.MODEL_CARD), card)
         _publish(staging, os.path.abspath(output_dir))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
