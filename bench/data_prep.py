@@ -25,12 +25,15 @@ flags.DEFINE_integer("repeats", 3, "Timed runs per worker count (median reported
 flags.DEFINE_integer("copies", 8, "Copies of the sample set in the larger measurement.")
 
 
-def convert_once(workers, paths, split_map):
+def convert_once(workers, paths, split_map, **options):
+    """(slices written, seconds) of one conversion into a temporary folder; ``options``
+    are further ``conversion.Options``."""
     from sr_tf import conversion as convert
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        manifest = convert.convert(paths, out, convert.Options(workers=workers, split_map=split_map), progress=False)
+        manifest = convert.convert(paths, out, convert.Options(workers=workers, split_map=split_map, **options),
+                                   progress=False)
         elapsed = time.perf_counter() - start
     return sum(manifest["counts"].values()), elapsed
 

@@ -17,6 +17,19 @@ def machine():
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
 
 
+def cpu_model():
+    """The processor's name as the system gives it (``/proc/cpuinfo`` on Linux), else the
+    platform's."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def update_section(name, markdown, doc=DOC):
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"

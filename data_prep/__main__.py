@@ -2,6 +2,7 @@
 
     python -m data_prep --input=PATH [--input=PATH ...] --output=tfrecords/NAME
     python -m data_prep --samples --output=tfrecords/samples
+    python -m data_prep --samples --output=tfrecords/samples --runner=beam --workers=2
 
 Inputs may be files, folders (searched recursively) or glob patterns; several may be
 given as repeated flags or comma-separated. Inputs that fail are listed in the
@@ -33,7 +34,14 @@ flags.DEFINE_string("modality", None, "Modality of NIfTI and raster inputs (e.g.
 flags.DEFINE_string("patient_id_regex", None, "Regex on the file name of NIfTI/raster inputs whose "
                     r"first group is the patient id (e.g. '^(\d+)_' for NIH ChestX-ray14).")
 flags.DEFINE_float("shard_size_mb", 100.0, "Approximate shard size in MB.")
-flags.DEFINE_integer("workers", 1, "Reader processes.")
+flags.DEFINE_integer("workers", 1, "Reader processes (--runner=local), or Beam workers on this machine "
+                     "(--runner=beam without a runner in --beam_pipeline_options).")
+flags.DEFINE_enum("runner", "local", ["local", "beam"], "local: reader processes of this machine; beam: an "
+                  "Apache Beam pipeline (pip install -r requirements-beam.txt).")
+flags.DEFINE_string("beam_pipeline_options", None, "With --runner=beam: Beam pipeline options as key=value "
+                    "items separated by commas, e.g. runner=DataflowRunner,project=P,region=R,"
+                    "temp_location=gs://B/tmp. Default: Beam's FnApiRunner on this machine with --workers "
+                    "processes.")
 flags.DEFINE_bool("strict", False, "Stop at the first failed input and publish nothing.")
 flags.DEFINE_bool("keep_empty", False, "Keep constant (empty) slices instead of skipping them.")
 flags.DEFINE_integer("max_pixels", 100_000_000, "Refuse any image (slice, frame) whose header claims more pixels "
@@ -67,6 +75,7 @@ def options_from_flags():
         split_map=split_map or None,
         shard_size_mb=FLAGS.shard_size_mb,
         workers=FLAGS.workers,
+        runner=FLAGS.runner,
         strict=FLAGS.strict,
         keep_empty=FLAGS.keep_empty,
         max_pixels=FLAGS.max_pixels,
@@ -104,9 +113,12 @@ def main(argv):
         inputs += samples.sample_paths()
     if not inputs:
         raise app.UsageError("give --input=PATH (files, folders or globs) or --samples")
+    if FLAGS.beam_pipeline_options and FLAGS.runner != "beam":
+        raise app.UsageError("--beam_pipeline_options needs --runner=beam")
     try:
         options = options_from_flags()
-        manifest = convert.convert(inputs, FLAGS.output, options, progress=FLAGS.progress)
+        manifest = convert.convert(inputs, FLAGS.output, options, progress=FLAGS.progress,
+                                   beam_options=FLAGS.beam_pipeline_options)
     except (convert.ConversionError, ValueError, OSError) as exc:
         logging.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

@@ -3,7 +3,9 @@
 Work is split into tasks, one per source unit (a file, a multi-frame file, a NIfTI
 volume, or a DICOM series found in a folder). Worker processes read and encode slices
 (no TensorFlow in the workers); the parent serializes them and writes shards. A task
-that fails is reported in the manifest and the others go on.
+that fails is reported in the manifest and the others go on. ``sr_tf.conversion_beam``
+runs the same tasks as an Apache Beam pipeline (``Options.runner``), from the same
+planning (``prepare``) to the same manifest (``Tally``).
 """
 
 import collections
@@ -23,6 +25,8 @@ from sr_tf import intensity, records
 
 log = logging.getLogger(__name__)
 
+RUNNERS = ("local", "beam")
+
 
 @dataclasses.dataclass
 class Options:
@@ -39,6 +43,7 @@ class Options:
     split_map: dict = None  # patient_id -> split, overrides the hash
     shard_size_mb: float = 100.0
     workers: int = 1
+    runner: str = "local"  # local: worker processes here; beam: an Apache Beam pipeline (sr_tf.conversion_beam)
     strict: bool = False
     keep_empty: bool = False
     max_pixels: int = readers.DEFAULT_MAX_PIXELS  # per image (slice, frame); 0: no limit
@@ -60,6 +65,8 @@ class Options:
             raise ValueError(f"--max_pixels must be 0 (no limit) or positive, got {self.max_pixels}")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         for pid, split in (self.split_map or {}).items():
             if split not in records.SPLITS:
                 raise ValueError(f"split map gives {pid!r} the unknown split {split!r}")
@@ -267,16 +274,23 @@ class ConversionError(RuntimeError):
     """Raised with ``--strict`` at the first failure, or when no image was written."""
 
 
-def convert(inputs, output_dir, options, progress=True):
-    """Convert ``inputs`` into ``output_dir``; returns the manifest written.
+@dataclasses.dataclass
+class Prepared:
+    """What the driver knows before any image is read, whichever runner converts."""
 
-    Raises :class:`ConversionError` when ``options.strict`` and an input fails (nothing
-    is published then), and when no image at all could be written.
+    tasks: list
+    failures: list  # (input, reason): missing inputs, then files that failed while planning
+    skipped: list  # (input, reason): files found in a folder that are not images
+    manifest_options: dict
+
+
+def prepare(inputs, output_dir, options):
+    """Check the options, find the files and plan the tasks of a conversion.
+
+    Raises :class:`ConversionError` when the output folder is an input, and with
+    ``options.strict`` when an input already failed.
     """
-    from tqdm import tqdm
-
     options.check()
-    output_dir = os.fspath(output_dir)
     files, missing = expand_inputs(inputs)
     inputs_abs = {os.path.abspath(p) for p in inputs}
     if os.path.abspath(output_dir) in inputs_abs:
@@ -286,45 +300,105 @@ def convert(inputs, output_dir, options, progress=True):
     if options.strict and failures:
         path, reason = failures[0]
         raise ConversionError(f"{path}: {reason}")
-
     manifest_options = {k: v for k, v in dataclasses.asdict(options).items() if k != "split_map"}
     manifest_options["split_map_size"] = len(options.split_map or {})
     manifest_options["inputs"] = [os.fspath(p) for p in inputs]
-    writer = ShardWriter(output_dir, options.shard_size_mb, manifest_options)
-    per_source_clipped = {}
-    empty = 0
-    patients = {split: set() for split in records.SPLITS}
+    return Prepared(tasks, failures, skipped, manifest_options)
+
+
+def summarize_task(result):
+    """What the manifest needs of one ``convert_task`` result, without its images:
+    JSON-ready, so that a Beam worker can return it."""
+    patients = collections.defaultdict(set)
     modalities = collections.Counter()
-    with writer:
-        bar = tqdm(total=len(tasks), desc="data_prep", unit="file", disable=not progress, leave=False)
-        for result in iter_results(tasks, options):
-            bar.update(1)
-            failures.extend(result["failures"])
-            if options.strict and result["failures"]:
-                path, reason = result["failures"][0]
-                raise ConversionError(f"{path}: {reason}")
-            for record, png in result["records"]:
-                writer.add(record.split, records.serialize(record, png=png))
-                patients[record.split].add(record.patient_id)
-                modalities[record.modality] += 1
-            empty += result["empty"]
-            if result["clipped"]:
-                per_source_clipped[result["label"]] = result["clipped"]
-            bar.set_postfix(records=sum(writer.counts.values()), failed=len(failures))
-        bar.close()
-        for path, reason in failures:
+    for record, _ in result["records"]:
+        patients[record.split].add(record.patient_id)
+        modalities[record.modality] += 1
+    return {
+        "label": result["label"],
+        "failures": [list(failure) for failure in result["failures"]],
+        "clipped": result["clipped"],
+        "empty": result["empty"],
+        "patients": {split: sorted(ids) for split, ids in patients.items()},
+        "modalities": dict(modalities),
+    }
+
+
+class Tally:
+    """Failures and statistics of a conversion, added up from task summaries
+    (``summarize_task``) in task order; the same for every runner."""
+
+    def __init__(self, prepared, strict=False):
+        self.prepared = prepared
+        self.strict = strict
+        self.failures = list(prepared.failures)
+        self._patients = {split: set() for split in records.SPLITS}
+        self._modalities = collections.Counter()
+        self._clipped = {}
+        self._empty = 0
+
+    def add(self, summary):
+        """Add one task's summary; with ``strict``, its first failure raises ConversionError."""
+        failures = [tuple(failure) for failure in summary["failures"]]
+        self.failures.extend(failures)
+        if self.strict and failures:
+            path, reason = failures[0]
+            raise ConversionError(f"{path}: {reason}")
+        for split, ids in summary["patients"].items():
+            self._patients[split].update(ids)
+        self._modalities.update(summary["modalities"])
+        self._empty += summary["empty"]
+        if summary["clipped"]:
+            self._clipped[summary["label"]] = summary["clipped"]
+
+    def finish(self, writer):
+        """Give ``writer`` the failures and statistics of the manifest; raises
+        ConversionError when no image at all was written."""
+        for path, reason in self.failures:
             writer.fail(path, reason)
         writer.stats = {
-            "tasks": len(tasks),
-            "patients": {split: len(ids) for split, ids in patients.items()},
-            "modalities": dict(modalities),
-            "clipped_pixels": sum(per_source_clipped.values()),
-            "clipped_pixels_by_source": per_source_clipped,
-            "skipped_empty_slices": empty,
-            "skipped_files": [{"input": p, "reason": r} for p, r in skipped],
+            "tasks": len(self.prepared.tasks),
+            "patients": {split: len(ids) for split, ids in self._patients.items()},
+            "modalities": dict(self._modalities),
+            "clipped_pixels": sum(self._clipped.values()),
+            "clipped_pixels_by_source": self._clipped,
+            "skipped_empty_slices": self._empty,
+            "skipped_files": [{"input": p, "reason": r} for p, r in self.prepared.skipped],
         }
         if sum(writer.counts.values()) == 0:
-            raise ConversionError(_no_output_message(output_dir, failures, skipped))
+            raise ConversionError(_no_output_message(writer.output_dir, self.failures, self.prepared.skipped))
+
+
+def convert(inputs, output_dir, options, progress=True, beam_options=None):
+    """Convert ``inputs`` into ``output_dir``; returns the manifest written.
+
+    With ``options.runner == "beam"`` an Apache Beam pipeline converts them
+    (``sr_tf.conversion_beam.convert``, run with ``beam_options``); otherwise
+    ``options.workers`` processes of this machine.
+
+    Raises :class:`ConversionError` when ``options.strict`` and an input fails (nothing
+    is published then), and when no image at all could be written.
+    """
+    if options.runner == "beam":
+        from sr_tf import conversion_beam
+
+        return conversion_beam.convert(inputs, output_dir, options, beam_options)
+    from tqdm import tqdm
+
+    output_dir = os.fspath(output_dir)
+    prepared = prepare(inputs, output_dir, options)
+    tally = Tally(prepared, options.strict)
+    writer = ShardWriter(output_dir, options.shard_size_mb, prepared.manifest_options)
+    with writer:
+        bar = tqdm(total=len(prepared.tasks), desc="data_prep", unit="file", disable=not progress, leave=False)
+        for result in iter_results(prepared.tasks, options):
+            bar.update(1)
+            tally.add(summarize_task(result))
+            for record, png in result["records"]:
+                writer.add(record.split, records.serialize(record, png=png))
+            bar.set_postfix(records=sum(writer.counts.values()), failed=len(tally.failures))
+        bar.close()
+        tally.finish(writer)
     return writer.manifest
 
 

@@ -115,7 +115,10 @@ def serialize(record, png=None):
         "intensity_max": _floats([record.intensity_max]),
         "split": _bytes(record.split),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # Deterministic: the features map in key order, so that one slice gives the same bytes in
+    # every process (a shard written twice, by a retried Beam worker, is the same file).
+    example = tf.train.Example(features=tf.train.Features(feature=features))
+    return example.SerializeToString(deterministic=True)
 
 
 def feature_spec():

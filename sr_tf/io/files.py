@@ -4,6 +4,11 @@ contract 4: atomic shards and the manifest).
 A file is written under a temporary name in its own folder, flushed to disk and renamed
 over the target (``os.replace``), so a reader sees the old file or the new one, never a
 half-written one; on any error the temporary file is removed and the target is untouched.
+
+A path with a scheme (``gs://``, ``s3://``, ``ram://``: :func:`is_url`) is reached through
+``tf.io.gfile`` instead, for the output of a conversion on a cluster; the few file
+operations that the shard writer needs (:func:`makedirs`, :func:`listdir`, :func:`size`,
+:func:`replace`, :func:`remove`, :func:`rmtree`, :func:`read_json`) take either.
 """
 
 import contextlib
@@ -11,10 +16,89 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 
 _TEMPORARY = r"\.[0-9a-f]{8}\.tmp"
+
+
+def is_url(path):
+    """Whether ``path`` names a file system by its scheme (``gs://bucket/x``), not a local path."""
+    return "://" in os.fspath(path)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def join(folder, name):
+    """``folder/name``, for a local folder or a URL."""
+    folder = os.fspath(folder)
+    return folder.rstrip("/") + "/" + name if is_url(folder) else os.path.join(folder, name)
+
+
+def makedirs(folder):
+    if is_url(folder):
+        _gfile().makedirs(os.fspath(folder))
+    else:
+        os.makedirs(folder, exist_ok=True)
+
+
+def listdir(folder):
+    """Names in ``folder`` (folders of an object store without their trailing slash)."""
+    if is_url(folder):
+        return [name.rstrip("/") for name in _gfile().listdir(os.fspath(folder))]
+    return os.listdir(folder)
+
+
+def size(path):
+    return _gfile().stat(os.fspath(path)).length if is_url(path) else os.path.getsize(path)
+
+
+def replace(source, target):
+    """Rename ``source`` over ``target`` (atomic on a local disk; copy and delete on an object store)."""
+    if is_url(target):
+        _gfile().rename(os.fspath(source), os.fspath(target), overwrite=True)
+    else:
+        os.replace(source, target)
+
+
+def remove(path):
+    """Remove a file; one that is already gone is no error."""
+    if is_url(path):
+        gfile = _gfile()
+        if gfile.exists(os.fspath(path)):
+            gfile.remove(os.fspath(path))
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def rmtree(folder):
+    """Remove a folder and all it holds; one that is already gone is no error."""
+    if is_url(folder):
+        gfile = _gfile()
+        if gfile.exists(os.fspath(folder)):
+            gfile.rmtree(os.fspath(folder))
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_json(path):
+    """The JSON document in ``path`` (FileNotFoundError when there is none)."""
+    if is_url(path):
+        gfile = _gfile()
+        if not gfile.exists(os.fspath(path)):
+            raise FileNotFoundError(path)
+        with gfile.GFile(os.fspath(path), "r") as f:
+            return json.loads(f.read())
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def temporary_name(path):
@@ -72,17 +156,29 @@ def write_bytes_atomic(path, data):
 
 
 def write_json_atomic(path, payload):
-    """Write ``payload`` as indented JSON to ``path`` atomically (:func:`atomic_open`)."""
+    """Write ``payload`` as indented JSON to ``path`` atomically (:func:`atomic_open`; for a
+    URL, a temporary object renamed over ``path``)."""
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    if is_url(path):
+        folder, name = os.fspath(path).rsplit("/", 1)
+        temporary = join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        gfile = _gfile()
+        try:
+            with gfile.GFile(temporary, "w") as f:
+                f.write(text)
+            replace(temporary, path)
+        finally:
+            remove(temporary)
+        return os.fspath(path)
     with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
+        f.write(text)
     return os.fspath(path)
 
 
 def file_sha256(path):
-    """Hex SHA-256 of a file, read in 1 MB blocks."""
+    """Hex SHA-256 of a file (a local path or a URL), read in 1 MB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (_gfile().GFile(os.fspath(path), "rb") if is_url(path) else open(path, "rb")) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
