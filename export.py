@@ -7,7 +7,7 @@
 --model takes a run folder or a .keras file. The int8 model is calibrated on LR patches
 of the run's training records (--data to use others). Writes saved_model/,
 model_{float32,float16,dynamic_int8,int8}.tflite, export_report.json and model_card.json
-into --output (default saved_models/<model name>); see sr_tf/export.py. Data-consistency
+into --output (default saved_models/<model name>); see sr_tf/export/. Data-consistency
 projection after the model is baked into every graph (--consistency=project, the
 default; --consistency=none for the model alone).
 """

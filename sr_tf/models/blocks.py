@@ -8,6 +8,7 @@ model (Keras 3 propagates it), so only layers that use it declare it.
 
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import keras
 import numpy as np
@@ -223,6 +224,13 @@ def pad_to_multiple(images, multiple):
     return images
 
 
+class Deployable(NamedTuple):
+    """A model's inference function arranged for deployment (``SuperResolutionModel.deployable``)."""
+
+    function: Callable  # LR (N, H, W, C) float32 -> the model's output, in inference mode
+    notes: list  # what is arranged differently from the model's own call, one line each; empty: nothing
+
+
 @serializable
 class SuperResolutionModel(keras.Model):
     """Base of the image-to-image networks: LR (N, H, W, channels) in [0, 1] ->
@@ -239,6 +247,14 @@ class SuperResolutionModel(keras.Model):
         num_doublings(scale)
         self.scale = scale
         self.channels = channels
+
+    def deployable(self):
+        """The model's inference function as deployed (``sr_tf.export`` converts it to
+        TFLite), with notes on what it arranges differently: the same function as
+        ``model(x, training=False)`` up to float rounding, laid out for XNNPACK, LiteRT's
+        default CPU delegate. Here the model's own call, with no notes; a family with
+        something to rearrange overrides it (``SRResNet.deployable``)."""
+        return Deployable(lambda inputs: self(inputs, training=False), [])
 
     def get_config(self):
         return {**super().get_config(), "scale": self.scale, "channels": self.channels}
@@ -364,6 +380,55 @@ def row_factored_conv(inputs, kernel):
     gather = ops.convert_to_tensor(gather, rows.dtype)
     return ops.conv(ops.conv(inputs, ops.cast(rows, inputs.dtype), padding="same"),
                     ops.cast(gather, inputs.dtype), padding="same")
+
+
+# Largest depthwise kernel (taps) on XNNPACK's fast path: it runs depthwise kernels of up
+# to 25 taps on a fast path and larger ones on a path about 30 times slower per tap,
+# slower even than TFLite's own kernel.
+XNNPACK_FAST_TAPS = 25
+
+
+def has_large_depthwise(conv):
+    """True for a separable convolution whose depthwise kernel has more than
+    ``XNNPACK_FAST_TAPS`` taps and that ``deployed_conv`` can split (stride 1, no
+    dilation, "same", channels-last)."""
+    return (isinstance(conv, layers.SeparableConv2D)
+            and conv.kernel_size[0] * conv.kernel_size[1] > XNNPACK_FAST_TAPS
+            and tuple(conv.strides) == (1, 1) and tuple(conv.dilation_rate) == (1, 1)
+            and conv.padding == "same" and conv.data_format == "channels_last")
+
+
+def split_depthwise(inputs, kernel, rows):
+    """A "same", stride-1 depthwise convolution as a sum of convolutions over bands of at
+    most ``rows`` kernel rows, each on the zero-padded input shifted by its first row.
+    Slices have constant bounds, so no shape arithmetic enters the graph."""
+    height, width = kernel.shape[:2]
+    top, left = (height - 1) // 2, (width - 1) // 2
+    padded = tf.pad(inputs, [[0, 0], [top, height - 1 - top], [left, width - 1 - left], [0, 0]])
+    total = None
+    for first in range(0, height, rows):
+        last = min(height, first + rows)
+        band = padded[:, first:(last - height) or None]
+        part = tf.nn.depthwise_conv2d(band, kernel[first:last], [1, 1, 1, 1], "VALID")
+        total = part if total is None else total + part
+    return total
+
+
+def deployed_conv(conv, inputs):
+    """``conv(inputs)`` in its deployed form: a convolution with ``has_large_depthwise``
+    runs its depthwise step in bands of kernel rows of at most ``XNNPACK_FAST_TAPS`` taps
+    (``split_depthwise``) whose outputs are summed, the same function on XNNPACK's fast
+    path; any other layer runs as it is."""
+    if not has_large_depthwise(conv):
+        return conv(inputs)
+    dtype = conv.compute_dtype
+    rows = max(1, XNNPACK_FAST_TAPS // conv.kernel_size[1])
+    inputs = tf.cast(inputs, dtype)
+    depthwise = split_depthwise(inputs, tf.cast(conv.depthwise_kernel, dtype), rows)
+    outputs = tf.nn.conv2d(depthwise, tf.cast(conv.pointwise_kernel, dtype), 1, "VALID")
+    if conv.use_bias:
+        outputs = outputs + tf.cast(conv.bias, dtype)
+    return conv.activation(outputs)
 
 
 @serializable
