@@ -191,11 +191,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
         data = strategy.experimental_distribute_dataset(
             tf.data.Dataset.from_tensor_slices((lr, hr)).batch(4))
         batch = next(iter(data))
-        @tf.function
-        def step(batch):
-            out = strategy.run(trainer.train_step, args=(batch,))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, out["loss"], axis=None)
-        loss = float(step(batch))
+        loss = float(loop.distributed_step(strategy, trainer)(batch)["loss"])
         results[name] = ([w.copy() for w in built["generator"].get_weights()], loss, strategy.num_replicas_in_sync)
     (wd, ld, nd), (wm, lm, nm) = results["default"], results["mirrored"]
     assert nd == 1 and nm == 2, (nd, nm)

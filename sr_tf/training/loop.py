@@ -310,6 +310,21 @@ def datasets(config, strategy):
 # ----------------------------------------------------------------------------- the loop
 
 
+def distributed_step(strategy, trainer, jit_compile=False):
+    """The loop's training step (docs/DESIGN.md, contract 7 (the one training loop)):
+    ``strategy.run(trainer.train_step)`` on a distributed batch inside a ``tf.function``,
+    each returned value summed over the replicas with ``strategy.reduce(SUM)``. Returns
+    the step, ``batch -> {name: tensor}``; ``jit_compile`` compiles it with XLA
+    (``bench.train_step`` measures that; the loop does not)."""
+
+    @tf.function(jit_compile=jit_compile)
+    def step(batch):
+        per_replica = strategy.run(trainer.train_step, args=(batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+    return step
+
+
 class _Stop:
     """Turns SIGINT/SIGTERM into a request to checkpoint and stop after this step."""
 
@@ -488,18 +503,10 @@ def train(config, flags_text=None, strategy=None):
     iterator = iter(train_data)
     steps = {}
 
-    def distributed(trainer):
-        @tf.function
-        def run(batch):
-            per_replica = strategy.run(trainer.train_step, args=(batch,))
-            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
-
-        return run
-
     if config.pretrain_steps or gan is None:
-        steps["pretrain" if gan is not None else "train"] = distributed(supervised)
+        steps["pretrain" if gan is not None else "train"] = distributed_step(strategy, supervised)
     if gan is not None:
-        steps["adversarial"] = distributed(gan)
+        steps["adversarial"] = distributed_step(strategy, gan)
 
     same_size = degrade.model_scale(config.degradation, config.scale) == 1
     grid_samples = list(val.take(config.grid_images))
