@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import ROOT
 from sr_tf import conversion as convert
 from sr_tf import records
 from sr_tf.training import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = {
     "srgan": {"filters": 8, "num_blocks": 2},

@@ -12,11 +12,11 @@ import pydicom
 import pytest
 import tensorflow as tf
 
+from tests import ROOT
 from sr_tf import conversion as convert
 from sr_tf import evaluation, inference, metrics, records
 from sr_tf.training import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
