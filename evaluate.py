@@ -20,16 +20,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from sr_tf import consistency, inference  # noqa: E402
+from sr_tf import consistency, inference, records  # noqa: E402
+from sr_tf.data import presets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder, .tflite or zoo name; default: latest run in runs/.")
 flags.DEFINE_string("data", None, "data_prep output folder; default: the run's training data or tfrecords/samples.")
-flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
+flags.DEFINE_enum("split", "test", list(records.SPLITS), "Split to evaluate.")
 flags.DEFINE_string("output", None, "Results folder; default: <run>/eval or results/<model name>.")
-flags.DEFINE_enum("degradation", None, ["bicubic", "blur_downsample", "noisy", "bilinear_artifacts",
-                                        "self_supervised"], "Degradation; default: the one the model trained with.")
-flags.DEFINE_enum("scale", None, ["2", "4", "8"], "Scale; default: the model's.")
+flags.DEFINE_enum("degradation", None, list(presets.PRESETS), "Degradation; default: the one the model trained with.")
+flags.DEFINE_enum("scale", None, [str(s) for s in presets.SCALES], "Scale; default: the model's.")
 flags.DEFINE_integer("seed", 0, "Degradation seed (the same as training's validation by default).")
 flags.DEFINE_integer("tile", inference.DEFAULT_TILE, "LR tile size for tiled inference of large images.")
 flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR tile overlap.")
