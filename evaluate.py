@@ -37,6 +37,7 @@ flags.DEFINE_integer("max_images", 0, "Evaluate at most this many images (0: all
 flags.DEFINE_integer("figures", 4, "Comparison figures for the first N images.")
 consistency.define_flags("project: report the model and the model followed by data-consistency projection "
                          "(model+projection); none: the model alone.")
+flags.adopt_module_key_flags(consistency)  # --help lists them as this script's flags
 flags.DEFINE_bool("ensemble", False, "Also report the model averaged over the 8 flips and rotations (model+ensemble).")
 flags.DEFINE_integer("adapt_steps", 0, "Also report a copy of the model adapted to each image for this many "
                      "self-supervised steps (model+adaptation; 0: off; Keras models only).")

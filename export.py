@@ -34,6 +34,7 @@ flags.DEFINE_enum("degradation", None, list(presets.PRESETS), "Degradation; defa
 flags.DEFINE_integer("seed", 0, "Seed of the calibration patches and parity images.")
 consistency.define_flags("project: bake data-consistency projection after the model into the SavedModel and TFLite "
                          "graphs; none: export the model alone.")
+flags.adopt_module_key_flags(consistency)  # --help lists them as this script's flags
 
 
 def _summary(report):
