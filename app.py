@@ -234,13 +234,21 @@ def _reason(exc, name):
     return f"Cannot read {name}: {type(exc).__name__}: {exc}"
 
 
+def _mapping(image):
+    """The physical values mapped to [0, 1]: one window, or one a volume (a 4-D NIfTI)."""
+    if len({tuple(w) for w in image.windows}) == 1:
+        lo, hi = image.window(0)
+        return f"values {lo:g} to {hi:g}"
+    return "each volume's values through its own window"
+
+
 def describe(image, name):
     count, height, width = image.slices.shape
     spacing = " x ".join(f"{v:g}" for v in image.pixel_spacing) if any(image.pixel_spacing) else "unknown"
     what = f"{count} slices of {height} x {width}" if count > 1 else f"{height} x {width}"
     st.caption(
         f"**{name}**: {image.kind}, {image.modality}, {what} px, pixel spacing {spacing} mm, "
-        f"values {image.lo:g} to {image.hi:g} mapped to [0, 1]"
+        f"{_mapping(image)} mapped to [0, 1]"
     )
 
 
@@ -322,7 +330,8 @@ def _window_label(name):
     return f"{name} (W{width:g} / L{level:g})"
 
 
-def show_panels(image, lr, bicubic, output, scale, box, window, predictor):
+def show_panels(mapped, lr, bicubic, output, scale, box, window, predictor):
+    """``mapped``: the (lo, hi) physical values of the slice mapped to [0, 1]."""
     lr_crop = display.crop(lr, box)
     size = display.display_size(lr_crop.shape, DISPLAY_SIDE)
     region = f"{box[3] - box[2]} x {box[1] - box[0]} px region" if lr_crop.shape != lr.shape else "whole image"
@@ -335,25 +344,26 @@ def show_panels(image, lr, bicubic, output, scale, box, window, predictor):
     for column, (caption, values, factor) in zip(st.columns(3), panels):
         values = display.resize(display.crop(values, box, factor), size)
         if window is not None:
-            values = display.window(values, image.lo, image.hi, *window)
+            values = display.window(values, *mapped, *window)
         column.image(display.to_uint8(values), caption=caption, width="stretch")
 
 
-def show_difference(bicubic, output, scale, box, image, column):
+def show_difference(bicubic, output, scale, box, image, mapped, column):
     size = display.display_size(display.crop(bicubic, box, scale).shape, DISPLAY_SIDE)
     diff, full_scale = display.difference_map(display.crop(bicubic, box, scale), display.crop(output, box, scale), size)
-    unit = f"{full_scale * (image.hi - image.lo):.4g} HU" if image.modality == "CT" else f"{full_scale:.3g} of the range"
+    unit = (f"{full_scale * (mapped[1] - mapped[0]):.4g} HU" if image.modality == "CT"
+            else f"{full_scale:.3g} of the range")
     column.image(display.to_uint8(diff), width="stretch",
                  caption=f"|bicubic - model| (inferno: black 0, yellow {unit} or more)")
 
 
-def show_uncertainty(output, uncertainty, scale, box, image):
+def show_uncertainty(output, uncertainty, scale, box, image, mapped):
     """The uncertainty map in red over the output, and the fraction of pixels above the threshold."""
     threshold = ensemble.DEFAULT_THRESHOLD
     size = display.display_size(display.crop(output, box, scale).shape, DISPLAY_SIDE)
     layer = display.uncertainty_overlay(display.crop(output, box, scale), display.crop(uncertainty, box, scale),
                                         threshold, size)
-    unit = f"{threshold * (image.hi - image.lo):.4g} HU" if image.modality == "CT" else f"{threshold:g} of the range"
+    unit = f"{threshold * (mapped[1] - mapped[0]):.4g} HU" if image.modality == "CT" else f"{threshold:g} of the range"
     fraction = ensemble.fraction_above(uncertainty, threshold)
     st.image(display.to_uint8(layer), width="content",
              caption=f"Uncertainty over the output (red from {unit}: ensemble spread and consistency residual); "
@@ -430,12 +440,12 @@ def main():
         result.consistency = {"model": display.consistency(lr, output, scale, degradation),
                               "bicubic": display.consistency(lr, result.bicubic, scale, degradation)}
     box, window = display_controls(image)
-    show_panels(image, lr, result.bicubic, output, scale, box, window, predictor)
+    show_panels(image.window(index), lr, result.bicubic, output, scale, box, window, predictor)
     left, right = st.columns([1, 2])
-    show_difference(result.bicubic, output, scale, box, image, left)
+    show_difference(result.bicubic, output, scale, box, image, image.window(index), left)
     show_metrics(result, tile, right)
     if result.uncertainty is not None:
-        show_uncertainty(output, result.uncertainty[0], scale, box, image)
+        show_uncertainty(output, result.uncertainty[0], scale, box, image, image.window(index))
 
     if count > 1 and st.checkbox(f"Download all {count} slices (upscales the whole volume)"):
         result = result_for(predictor, image, key, name, None, tile, overlap, adapt)

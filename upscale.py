@@ -39,6 +39,7 @@ flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by 
 flags.DEFINE_integer("batch_size", inference.DEFAULT_BATCH, "Tiles per model call.")
 consistency.define_flags("project: data-consistency projection after the model (its output, degraded again, reproduces "
                          "the input); none: the model's output as it is.")
+flags.adopt_module_key_flags(consistency)  # --help lists them as this script's flags
 flags.DEFINE_bool("ensemble", False, "Average the model over the 8 flips and rotations of its input (8x the time).")
 flags.DEFINE_bool("uncertainty", False, "Also write an uncertainty map beside each output (implies --ensemble).")
 flags.DEFINE_float("uncertainty_threshold", ensemble.DEFAULT_THRESHOLD, "Uncertainty (in [0, 1] units of the "
@@ -47,6 +48,8 @@ flags.DEFINE_integer("adapt_steps", 0, "Fine-tune a copy of the model on each in
                      "steps before upscaling it (0: off; Keras models only).")
 flags.DEFINE_float("adapt_seconds", adaptation.DEFAULT_SECONDS, "At most this many seconds of adaptation per file.")
 flags.DEFINE_integer("seed", 0, "Seed of the adaptation's crops and degradations.")
+flags.DEFINE_string("modality", None, "Modality of NIfTI and raster inputs (e.g. CT, MR, DX), as data_prep's "
+                    "--modality; default: NIfTI CT detected from the value range, else MR; raster DX.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_integer("max_pixels", 100_000_000, "Refuse any input image (slice, frame) whose header claims more "
                      "pixels than this, before decoding it (0: no limit).")
@@ -103,12 +106,32 @@ def unique_output(path, claimed):
     return candidate
 
 
+def series_windows(files):
+    """``{path: window}`` for the files that are slices of one DICOM series (grouped as
+    conversion groups them: ``sr_tf.conversion.plan_tasks``): the series' one intensity
+    window (``readers.series_window``), so that each file reaches the model mapped as the
+    series was mapped into records, not through a window of its own."""
+    from sr_tf import conversion
+    from sr_tf.io import readers
+
+    tasks, _, _ = conversion.plan_tasks(files)
+    windows = {}
+    for task in tasks:
+        if task.kind == "dicom_series":
+            window = readers.series_window(task.paths)
+            windows.update({path: window for path in task.paths})
+    return windows
+
+
 def run(predictor, files, output_dir, tile, overlap, batch_size, progress=True, adapt=None, uncertainty=False,
-        threshold=None):
-    """Upscale ``files`` one by one; returns their report dicts."""
+        threshold=None, modality=None):
+    """Upscale ``files`` one by one; returns their report dicts. ``modality``: of NIfTI and
+    raster inputs (default: NIfTI CT detected from the values, else MR; raster DX)."""
     from tqdm import tqdm
 
     from sr_tf import upscaling
+
+    windows = series_windows(files)
 
     # Inputs are claimed first, so no output name can fall on an input file.
     reports, claimed = [], {os.path.abspath(p) for p in files}
@@ -130,7 +153,8 @@ def run(predictor, files, output_dir, tile, overlap, batch_size, progress=True, 
                 claimed.add(beside)
             reports.append(upscaling.upscale_file(predictor, path, output_dir, tile, overlap, batch_size,
                                                   output=target, progress=tiles, adapt=adapt,
-                                                  uncertainty=uncertainty, threshold=threshold))
+                                                  uncertainty=uncertainty, threshold=threshold,
+                                                  modality=modality, window=windows.get(path)))
             bar.update(1)
     return reports
 
@@ -197,7 +221,8 @@ def main(argv):
              if FLAGS.adapt_steps else None)
     results = failures + run(predictor, files, FLAGS.output, FLAGS.tile, FLAGS.overlap, FLAGS.batch_size,
                              progress=FLAGS.progress, adapt=adapt, uncertainty=FLAGS.uncertainty,
-                             threshold=FLAGS.uncertainty_threshold)
+                             threshold=FLAGS.uncertainty_threshold,
+                             modality=FLAGS.modality.upper() if FLAGS.modality else None)
     written = sum(item["status"] == "ok" for item in results)
     write_json_atomic(os.path.join(FLAGS.output, REPORT), {
         "model": FLAGS.model, "model_name": predictor.name, "scale": scale, "tile": FLAGS.tile,

@@ -21,9 +21,11 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+
 from absl import app, flags  # noqa: E402
 
 from bench.report import machine, update_section  # noqa: E402
+from sr_tf import intensity  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("records", None, "data_prep output folder; default: the sample set, converted now.")
@@ -81,7 +83,7 @@ class NaiveLoader:
         entry = self.entries[self.rng.integers(len(self.entries))]
         image = read_source(entry["source"], entry["slice_index"])
         lo, hi = entry["intensity_min"], entry["intensity_max"]
-        image = np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        image = intensity.to_unit(image, lo, hi)
         top = self.rng.integers(image.shape[0] - self.patch_size + 1)
         left = self.rng.integers(image.shape[1] - self.patch_size + 1)
         hr = np.ascontiguousarray(image[top : top + self.patch_size, left : left + self.patch_size])

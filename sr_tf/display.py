@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from sr_tf import intensity
+
 # name -> (width, level) in HU: the usual CT display windows.
 WINDOW_PRESETS = {
     "soft tissue": (400.0, 40.0),
@@ -27,7 +29,7 @@ def window(image, lo, hi, width, level):
     both in physical units: ``level - width/2`` is black, ``level + width/2`` white."""
     if not width > 0:
         raise ValueError(f"window width must be positive, got {width}")
-    physical = lo + np.asarray(image, np.float64) * (hi - lo)
+    physical = intensity.to_physical(np.asarray(image, np.float32), lo, hi)
     return np.clip((physical - (level - width / 2.0)) / width, 0.0, 1.0).astype(np.float32)
 
 

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 import time
 
-from sr_tf import inference, metrics
+from sr_tf import inference, intensity, metrics
 
 BASELINES = (("nearest", "nearest"), ("bilinear", "bilinear"), ("bicubic", "bicubic"), ("lanczos", "lanczos3"))
 METRICS = ("psnr", "ssim", "nrmse", "consistency_psnr")
@@ -103,8 +103,8 @@ def measure(hr, output, lr, config, window=None):
     }
     if window is not None:
         lo, hi = window
-        ref_hu = lo + metrics.shave(hr, border).numpy().astype(np.float64) * (hi - lo)
-        out_hu = lo + metrics.shave(output, border).numpy().astype(np.float64) * (hi - lo)
+        ref_hu = intensity.to_physical(metrics.shave(hr, border).numpy(), lo, hi)
+        out_hu = intensity.to_physical(metrics.shave(output, border).numpy(), lo, hi)
         err = out_hu - ref_hu
         rmse = float(np.sqrt(np.mean(err**2)))
         values.update(

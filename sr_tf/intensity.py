@@ -47,8 +47,35 @@ def to_stored(physical, lo, hi):
         raise ValueError(f"intensity range must have max > min, got [{lo}, {hi}]")
     values = np.asarray(physical, dtype=np.float64)
     n_clipped = int(np.count_nonzero((values < lo) | (values > hi)))
-    scaled = (np.clip(values, lo, hi) - lo) * (STORED_MAX / (hi - lo))
-    return np.rint(scaled).astype(np.uint16), n_clipped
+    return np.rint(to_levels(np.clip(values, lo, hi), lo, hi)).astype(np.uint16), n_clipped
+
+
+def to_levels(physical, lo, hi, peak=STORED_MAX):
+    """Physical values -> float64 levels, ``lo`` at 0 and ``hi`` at ``peak`` (neither
+    clipped nor rounded): a stored representation of ``peak + 1`` levels, e.g. 255 for an
+    8-bit PNG."""
+    return (np.asarray(physical, np.float64) - lo) * (peak / (hi - lo))
+
+
+def to_unit(physical, lo, hi):
+    """Physical values -> float32 in [0, 1] through the window ``[lo, hi]`` (clipped): what
+    a model sees. ``lo`` and ``hi`` may be arrays that broadcast (one window a slice)."""
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    if not np.all(hi > lo):
+        raise ValueError(f"intensity range must have max > min, got [{lo}, {hi}]")
+    unit = np.subtract(physical, lo, dtype=np.float32)
+    unit /= hi - lo
+    return np.clip(unit, 0.0, 1.0, out=unit)
+
+
+def stored_to_unit(stored):
+    """Stored uint16 values -> float32 in [0, 1]: a NumPy array, or a TensorFlow tensor
+    (in a ``tf.data`` pipeline or a graph)."""
+    if isinstance(stored, np.ndarray) or np.isscalar(stored):
+        return np.asarray(stored, np.float32) / np.float32(STORED_MAX)
+    import tensorflow as tf
+
+    return tf.cast(stored, tf.float32) / float(STORED_MAX)
 
 
 def to_physical(stored, lo, hi):

@@ -28,6 +28,7 @@ import os
 import cv2
 import numpy as np
 
+from sr_tf import intensity
 from sr_tf.io.files import file_sha256  # noqa: F401  (the one checksum; records.file_sha256)
 
 SPLITS = ("train", "val", "test")
@@ -148,7 +149,7 @@ def parse(serialized):
     stored = tf.io.decode_png(features["image"], channels=1, dtype=tf.uint16)
     stored = tf.ensure_shape(stored, [None, None, 1])
     features["image_uint16"] = stored
-    features["image"] = tf.cast(stored, tf.float32) / 65535.0
+    features["image"] = intensity.stored_to_unit(stored)
     return features
 
 

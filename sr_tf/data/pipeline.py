@@ -35,7 +35,7 @@ import random
 
 import tensorflow as tf
 
-from sr_tf import records
+from sr_tf import intensity, records
 from sr_tf.data import augment as augmentation
 from sr_tf.data import degrade
 
@@ -225,7 +225,7 @@ def make_eval_dataset(records_dir, split="test", multiple_of=1, input_context=No
         def crop(example):
             size = _largest_multiple(example["image_uint16"], multiple_of)
             stored, offset = _center_slice(example["image_uint16"], size)
-            cropped = dict(example, image_uint16=stored, image=_to_unit(stored))
+            cropped = dict(example, image_uint16=stored, image=intensity.stored_to_unit(stored))
             cropped.update(height=tf.cast(size[0], tf.int64), width=tf.cast(size[1], tf.int64))
             cropped["crop_offset"] = tf.cast(offset, tf.int64)
             return cropped
@@ -362,10 +362,6 @@ def _at_least(image, size):
     return tf.logical_and(shape[0] >= size, shape[1] >= size)
 
 
-def _to_unit(stored):
-    return tf.cast(stored, tf.float32) / 65535.0
-
-
 def _random_crop(image, size, min_std, max_tries, seed):
     """A ``size`` crop of uint16 ``image`` whose std reaches ``min_std``, tried up to
     ``max_tries`` times; the crop with the highest std when none does."""
@@ -374,7 +370,7 @@ def _random_crop(image, size, min_std, max_tries, seed):
     def crop(attempt):
         uniform = tf.random.stateless_uniform([2], tf.random.experimental.stateless_fold_in(seed, attempt))
         corner = tf.cast(tf.floor(uniform * limits), tf.int32)
-        patch = _to_unit(tf.slice(image, tf.concat([corner, [0]], 0), [size, size, 1]))
+        patch = intensity.stored_to_unit(tf.slice(image, tf.concat([corner, [0]], 0), [size, size, 1]))
         return patch, tf.math.reduce_std(patch)
 
     def keep_trying(attempt, _, best_std):
@@ -414,7 +410,7 @@ def _center_crop(image, patch_size, divisor):
     multiple of ``divisor`` when ``patch_size`` is None), as float32 in [0, 1]."""
     size = _largest_multiple(image, divisor) if patch_size is None else tf.fill([2], patch_size)
     crop, _ = _center_slice(image, size)
-    return tf.ensure_shape(_to_unit(crop), [patch_size, patch_size, 1])
+    return tf.ensure_shape(intensity.stored_to_unit(crop), [patch_size, patch_size, 1])
 
 
 def _derive_seeds(seed, count, index=None):

@@ -34,7 +34,7 @@ class InputError(ValueError):
 class Volume:
     """Slices of one source unit (a file, a multi-frame file or a DICOM series)."""
 
-    slices: list  # 2-D float64 arrays in physical units
+    slices: list  # 2-D float arrays in physical units
     modality: str
     patient_id: str
     source: str
@@ -42,6 +42,11 @@ class Volume:
     intensity_range: tuple  # default (min, max): docs/DESIGN.md, contract 1
     slice_indices: list = None
     slice_sources: list = None  # per-slice source when a series spans files
+    file_format: str = None  # "dicom", "nifti" or "raster"
+    # What a writer needs to write the same format back: the pydicom Dataset (pixels
+    # included) of a DICOM file, the nibabel image of a NIfTI read in its own layout,
+    # ``{"bits": 8 | 16}`` for a raster; None for a series and for canonical NIfTI.
+    native: object = None
 
     def __post_init__(self):
         if self.slice_indices is None:
@@ -188,12 +193,19 @@ def decode_dicom_frames(ds, path):
     return list(pixels)
 
 
+def window_from_pixels(ds, modality):
+    """Whether the default window of ``ds`` depends on its pixels (MR and others: a
+    percentile) rather than on its header alone (CT, X-ray, colour)."""
+    return not (modality == "CT" or modality in intensity.XRAY_MODALITIES or int(ds.get("SamplesPerPixel", 1)) == 3)
+
+
 def dicom_default_range(ds, modality, slices):
+    """The default window (docs/DESIGN.md, contract 1) of a dataset whose frames (or whose
+    series' slices) are ``slices``: used only when :func:`window_from_pixels`."""
     if modality == "CT":
         return intensity.CT_RANGE
-    bits = int(ds.get("BitsStored", 8))
-    if modality in intensity.XRAY_MODALITIES or int(ds.get("SamplesPerPixel", 1)) == 3:
-        return intensity.xray_range(bits)
+    if not window_from_pixels(ds, modality):
+        return intensity.xray_range(int(ds.get("BitsStored", 8)))
     return intensity.percentile_range(np.concatenate([s.ravel() for s in slices]))
 
 
@@ -257,8 +269,10 @@ def _patient_id(ds, fallback):
     return value or fallback
 
 
-def read_dicom(path, max_pixels=None):
-    """One DICOM file; a multi-frame file gives one slice per frame."""
+def read_dicom(path, max_pixels=None, window=None):
+    """One DICOM file; a multi-frame file gives one slice per frame. ``window``: the
+    intensity window when the file is one of a series (:func:`series_window`), else the
+    file's own default (:func:`dicom_default_range`)."""
     import pydicom
 
     try:
@@ -273,7 +287,9 @@ def read_dicom(path, max_pixels=None):
         patient_id=_patient_id(ds, str(ds.get("SeriesInstanceUID", "") or path)),
         source=path,
         pixel_spacing=dicom_pixel_spacing(ds),
-        intensity_range=dicom_default_range(ds, modality, slices),
+        intensity_range=dicom_default_range(ds, modality, slices) if window is None else tuple(window),
+        file_format="dicom",
+        native=ds,
     )
 
 
@@ -323,8 +339,26 @@ def read_dicom_series(paths, max_pixels=None):
         intensity_range=dicom_default_range(first, modality, slices),
         slice_indices=indices,
         slice_sources=sources,
+        file_format="dicom",
     )
     return volume, failures
+
+
+def series_window(paths, max_pixels=None):
+    """The intensity window of a series of single-frame files, as :func:`read_dicom_series`
+    gives it (one window for the whole series): so that upscaling, which reads and writes
+    the files one by one, maps each file as conversion mapped the series. None when no
+    file of the series can be read."""
+    try:
+        header = read_dicom_header(paths[0])
+    except InputError:
+        header = None
+    if header is not None:
+        modality = str(header.get("Modality", "OT") or "OT").upper()
+        if not window_from_pixels(header, modality):
+            return tuple(dicom_default_range(header, modality, None))
+    volume, _ = read_dicom_series(paths, max_pixels)
+    return None if volume is None else tuple(volume.intensity_range)
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -344,27 +378,98 @@ def nifti_slices(data, zooms, slice_axis):
     return slices, (float(zooms[in_plane[1]]), float(zooms[in_plane[0]]))
 
 
-def read_nifti(path, slice_axis="axial", volume_index=0, modality=None, patient_id=None, max_pixels=None):
-    """A NIfTI file reoriented to closest canonical (RAS); returns a list of volumes."""
+def nifti_axes(header, ndim):
+    """``(a, b, c)`` of a file's own array layout: the in-plane voxel axes a < b and the
+    slice axis c (the header's slice dimension when set, else 2; None for a 2-D image).
+    Upscaling keeps this layout (it never reorients), so its output lies on the input's
+    own voxel grid."""
+    if ndim == 2:
+        return 0, 1, None
+    slice_dim = header.get_dim_info()[2]
+    c = slice_dim if slice_dim in (0, 1, 2) else 2
+    a, b = (axis for axis in range(3) if axis != c)
+    return a, b, c
+
+
+def nifti_order(ndim, axes):
+    """Axis order that puts volumes (dims 4+) first, then slices, then the in-plane axes."""
+    a, b, c = axes
+    return [*range(3, ndim), *([] if c is None else [c]), a, b]
+
+
+def native_slices(data, axes):
+    """(S, H, W) slices of an array in its own layout, slice s = volume * depth + index
+    along c, each rotated like :func:`nifti_slices` (rows along axis b, reversed;
+    columns along a)."""
+    moved = np.transpose(data, nifti_order(data.ndim, axes))
+    stack = moved.reshape(-1, data.shape[axes[0]], data.shape[axes[1]])
+    return np.rot90(stack, 1, axes=(1, 2))
+
+
+def from_native_slices(stack, shape, axes):
+    """Inverse of :func:`native_slices` for an array of the given own-layout ``shape``."""
+    order = nifti_order(len(shape), axes)
+    moved = np.rot90(stack, -1, axes=(1, 2)).reshape([shape[i] for i in order])
+    return np.transpose(moved, np.argsort(order))
+
+
+def nifti_modality_and_window(volume, modality=None):
+    """``(modality, window)`` of one 3-D volume: ``modality`` when given, else CT when
+    :func:`looks_like_ct`, else MR; the window of that modality (CT: the fixed HU window;
+    others: the volume's percentile range). One volume at a time, whether it is read for
+    training or for upscaling, so a 4-D file's volumes each keep their own mapping."""
+    if modality is None:
+        modality = "CT" if looks_like_ct(volume) else "MR"
+    return modality, (intensity.CT_RANGE if modality == "CT" else intensity.percentile_range(volume))
+
+
+def _load_nifti(path, canonical):
     import nibabel as nib
 
     try:
         image = nib.load(path)
-        image = nib.as_closest_canonical(image)
+        if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InputError(f"{type(image).__name__} is not a NIfTI volume")
+        if canonical:
+            image = nib.as_closest_canonical(image)
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    return image
+
+
+def read_nifti(path, slice_axis="axial", volume_index=0, modality=None, patient_id=None, max_pixels=None,
+               layout="canonical"):
+    """A NIfTI file; returns a list of volumes, one per 3-D volume read.
+
+    ``layout="canonical"`` (conversion into records) reorients to closest canonical (RAS)
+    and slices along ``slice_axis``; ``layout="native"`` (upscaling, which writes the
+    file back) keeps the file's own array layout (:func:`nifti_axes`; ``slice_axis`` is
+    not used) and sets each volume's ``native`` to the nibabel image. Either way the
+    modality and window come from :func:`nifti_modality_and_window`, volume by volume.
+    """
+    if layout not in ("canonical", "native"):
+        raise ValueError(f"layout must be 'canonical' or 'native', got {layout!r}")
+    image = _load_nifti(path, layout == "canonical")
     shape = tuple(image.shape[:3]) + (1,) * (3 - len(image.shape[:3]))
-    in_plane = [shape[a] for a in range(3) if a != SLICE_AXES[slice_axis]]
+    if layout == "canonical":
+        in_plane = [shape[a] for a in range(3) if a != SLICE_AXES[slice_axis]]
+    else:
+        a, b, _ = nifti_axes(image.header, max(2, min(3, len(image.shape))))
+        in_plane = [shape[a], shape[b]]
     check_pixel_count(in_plane[1], in_plane[0], max_pixels, "a slice")
     try:
-        data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float64)
+        data = image.get_fdata(dtype=np.float32, caching="unchanged")
     except Exception as exc:
         raise InputError(f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
-    if data.size == 0:
-        raise InputError(f"zero-size image {data.shape}")
+    if data.size == 0 or data.ndim < 2:
+        raise InputError(f"zero-size or 1-D image {data.shape}")
     if not np.all(np.isfinite(data)):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise InputError(f"contains {bad} NaN or Inf voxel(s)")
+    if layout == "native":
+        return _native_volumes(path, image, data, modality, patient_id, volume_index)
     while data.ndim > 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 2:
@@ -372,28 +477,47 @@ def read_nifti(path, slice_axis="axial", volume_index=0, modality=None, patient_
     if data.ndim == 3:
         volumes = [(None, data)]
     elif data.ndim == 4:
-        count = data.shape[3]
-        if volume_index == "all":
-            volumes = [(t, data[..., t]) for t in range(count)]
-        else:
-            t = int(volume_index)
-            if not 0 <= t < count:
-                raise InputError(f"--volume_index={t} out of range for a 4-D volume of {count} volumes")
-            volumes = [(t, data[..., t])]
+        volumes = [(t, data[..., t]) for t in _volume_indices(data.shape[3], volume_index)]
     else:
         raise InputError(f"unsupported NIfTI dimensionality {data.shape}")
     zooms = image.header.get_zooms()[:3]
     pid = patient_id or nifti_stem(path)
     out = []
     for t, volume in volumes:
-        if modality is None:
-            kind = "CT" if looks_like_ct(volume) else "MR"
-        else:
-            kind = modality
+        kind, window = nifti_modality_and_window(volume, modality)
         slices, spacing = nifti_slices(volume, zooms, slice_axis)
-        default = intensity.CT_RANGE if kind == "CT" else intensity.percentile_range(volume)
         source = path if t is None else f"{path}#volume={t}"
-        out.append(Volume(slices, kind, pid, source, spacing, default))
+        out.append(Volume(slices, kind, pid, source, spacing, window, file_format="nifti"))
+    return out
+
+
+def _volume_indices(count, volume_index):
+    if volume_index == "all":
+        return list(range(count))
+    t = int(volume_index)
+    if not 0 <= t < count:
+        raise InputError(f"--volume_index={t} out of range for a 4-D volume of {count} volumes")
+    return [t]
+
+
+def _native_volumes(path, image, data, modality, patient_id, volume_index):
+    """The volumes of ``data`` (own layout) as :func:`read_nifti` returns them for
+    ``layout="native"``: slices as :func:`native_slices` orders them, volume by volume."""
+    axes = nifti_axes(image.header, data.ndim)
+    zooms = image.header.get_zooms()
+    spacing = (float(zooms[axes[1]]), float(zooms[axes[0]]))
+    depth = 1 if axes[2] is None else data.shape[axes[2]]
+    stack = native_slices(data, axes)  # a view: (volumes * depth, H, W)
+    count = stack.shape[0] // depth
+    pid = patient_id or nifti_stem(path)
+    out = []
+    for t in _volume_indices(count, volume_index):
+        slices = stack[t * depth:(t + 1) * depth]
+        kind, window = nifti_modality_and_window(slices, modality)
+        source = path if data.ndim <= 3 else f"{path}#volume={t}"
+        out.append(Volume(list(slices), kind, pid, source, spacing, window,
+                          slice_indices=list(range(t * depth, (t + 1) * depth)), native=image,
+                          file_format="nifti"))
     return out
 
 
@@ -470,8 +594,12 @@ def read_raster(path, modality="DX", patient_id=None, max_pixels=None):
         default = intensity.xray_range(16)
     else:
         default = intensity.percentile_range(image)
+    # Exactly [0, 255] / [0, 65535] for 8- / 16-bit input; anything else (float or
+    # 32-bit TIFF) is written back as a 16-bit PNG of its window.
+    bits = 8 if image.dtype == np.uint8 else 16
     stem = os.path.splitext(os.path.basename(path))[0]
-    return Volume([image.astype(np.float32)], modality, patient_id or stem, path, (0.0, 0.0), default)
+    return Volume([image.astype(np.float32)], modality, patient_id or stem, path, (0.0, 0.0), default,
+                  file_format="raster", native={"bits": bits})
 
 
 def patient_from_path(path, pattern):
@@ -482,3 +610,76 @@ def patient_from_path(path, pattern):
     if match is None:
         return None
     return match.group(1) if match.groups() else match.group(0)
+
+
+# ----------------------------------------------------------------------------- one file for a model
+
+
+@dataclasses.dataclass
+class Image:
+    """One file as a model sees it, and what writing it back needs: its volumes' slices
+    stacked, each mapped to [0, 1] through its own volume's window, exactly as conversion
+    maps them into records (``sr_tf.intensity``)."""
+
+    path: str
+    kind: str  # "dicom" | "nifti" | "raster"
+    slices: np.ndarray  # (S, H, W) float32 in [0, 1]: intensity.to_unit(physical, lo, hi)
+    windows: np.ndarray  # (S, 2) float64: the physical values mapped to 0 and 1, slice by slice
+    modality: str  # "CT", "CR", "DX", "MR", ...
+    pixel_spacing: tuple  # (row, col) mm, (0, 0) when unknown
+    source: object  # what a writer needs: Volume.native
+    # (S, H, W) float32 physical values when some lie outside their window (carried into
+    # the output by nearest neighbour: sr_tf.io.writers), else None.
+    physical: np.ndarray = None
+
+    def window(self, index=0):
+        """``(lo, hi)`` of slice ``index``: the physical values mapped to 0 and 1."""
+        lo, hi = self.windows[index]
+        return float(lo), float(hi)
+
+
+def _check_writable(ds):
+    if "PixelData" not in ds:  # float pixel data decodes, but is not written back
+        raise InputError("float pixel data (FloatPixelData / DoubleFloatPixelData) is not supported")
+    bits = int(ds.get("BitsAllocated", 0))
+    if bits not in (8, 16, 32):
+        raise InputError(f"BitsAllocated {bits} (e.g. a binary segmentation) cannot be upscaled")
+
+
+def read_volumes(path, modality=None, window=None, max_pixels=None):
+    """The volumes of one file, read so that it can be written back (``Volume.native``
+    set): a DICOM file (its frames), every volume of a NIfTI file in its own layout, a
+    raster. ``modality`` (NIfTI and raster) and ``window`` override what the file says,
+    as conversion's options do. InputError with the reason when it cannot be read."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError("no such file")
+    kind = detect_format(path)
+    if kind is None:
+        raise InputError("unknown format (expected DICOM, NIfTI .nii/.nii.gz, or PNG/JPEG/TIFF)")
+    if kind == "dicom":
+        volume = read_dicom(path, max_pixels, window)
+        _check_writable(volume.native)
+        return [volume]
+    if kind == "nifti":
+        volumes = read_nifti(path, volume_index="all", modality=modality, max_pixels=max_pixels, layout="native")
+    else:
+        volumes = [read_raster(path, modality or "DX", max_pixels=max_pixels)]
+    if window is not None:
+        for volume in volumes:
+            volume.intensity_range = tuple(window)
+    return volumes
+
+
+def load_image(path, modality=None, window=None, max_pixels=None):
+    """One file as an :class:`Image` (:func:`read_volumes`' arguments). Physical values
+    outside the window are kept for the writers (rasters have none outside theirs)."""
+    volumes = read_volumes(path, modality, window, max_pixels)
+    first = volumes[0]
+    physical = np.stack([np.asarray(s, np.float32) for volume in volumes for s in volume.slices])
+    windows = np.array([volume.intensity_range for volume in volumes for _ in volume.slices], np.float64)
+    lo, hi = windows[:, :1, None], windows[:, 1:, None]
+    slices = intensity.to_unit(physical, lo, hi)
+    outside = first.file_format != "raster" and bool(np.any((physical < lo) | (physical > hi)))
+    return Image(path, first.file_format, slices, windows, first.modality,
+                 tuple(float(v) for v in first.pixel_spacing), first.native, physical if outside else None)

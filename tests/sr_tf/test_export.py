@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 
+from tests import ROOT
 from sr_tf import conversion as convert
 from sr_tf import export, inference, models
 from sr_tf.models import blocks
 from sr_tf.training import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 # filters=32: the 32x32 pointwise kernels reach the converter's 1024-element minimum, so
 # dynamic-range quantisation really quantises them.

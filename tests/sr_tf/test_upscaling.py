@@ -22,10 +22,10 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
+from tests import ROOT
 from sr_tf.io import readers
 from sr_tf import inference, upscaling
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 SCALE = 2
 
@@ -383,7 +383,7 @@ def test_4096_square_16bit_png_upscales_in_bounded_memory(tmp_path):
     script = textwrap.dedent(f"""
         import json, sys
         sys.path[:0] = [{ROOT!r}, {os.path.dirname(os.path.abspath(__file__))!r}]
-        from test_upscale import Nearest
+        from test_upscaling import Nearest
         from sr_tf import upscaling
 
         def status(key):
@@ -415,22 +415,6 @@ def test_4096_square_16bit_png_upscales_in_bounded_memory(tmp_path):
 # ----------------------------------------------------------------------------- tiling
 
 
-@pytest.mark.parametrize("size, tile, overlap, align", [
-    (1024, 256, 40, 2), (1024, 512, 40, 2), (257, 256, 40, 2), (161, 100, 40, 1), (130, 48, 16, 4), (4096, 512, 40, 2),
-])
-def test_balanced_tiles_cover_the_image_in_as_many_tiles_with_the_overlap_kept(size, tile, overlap, align):
-    balanced = inference.balanced_tile(size, tile, overlap, align)
-    plain, even = inference.tile_origins(size, tile, overlap, align), inference.tile_origins(size, balanced, overlap, align)
-    assert 2 * overlap < balanced <= tile and balanced % align == 0
-    assert len(even) == len(plain)
-    assert even[0] == 0 and even[-1] + balanced == size and all(o % align == 0 for o in even[:-1])
-    assert all(a + balanced - b >= overlap for a, b in zip(even, even[1:]))  # neighbours share the overlap
-    kept = [inference._keep_range(even, i, balanced, size) for i in range(len(even))]
-    assert kept[0][0] == 0 and kept[-1][1] == size and all(a[1] == b[0] for a, b in zip(kept, kept[1:]))
-    inner = [(lo - start, start + balanced - hi) for start, (lo, hi) in zip(even, kept)]
-    assert all(top >= overlap // 2 for top, _ in inner[1:]) and all(bottom >= overlap // 2 for _, bottom in inner[:-1])
-
-
 @pytest.mark.parametrize("tile, overlap, batch_size, message", [
     (4, 0, 1, "tile must be at least 8"), (64, 32, 1, "overlap in \\[0, 32\\)"), (64, -1, 1, "overlap"),
     (64, 8, 0, "batch_size must be at least 1"),
@@ -442,24 +426,6 @@ def test_bad_tiling_is_refused_before_any_work(tile, overlap, batch_size, messag
                   f"--overlap={overlap}", f"--batch_size={batch_size}")
     assert result.returncode != 0 and re.search(message, result.stderr + result.stdout)
     assert not (tmp_path / "out").exists()
-
-
-def test_tiled_predict_runs_fewer_pixels_with_balanced_tiles():
-    """A 1024x1024 input in tiles of at most 256 (overlap 40): 25 tiles of 238, not of
-    256; the stitched output is still every LR pixel in its place."""
-    seen = []
-
-    class Recording(Nearest):
-        def predict(self, batch):
-            seen.append(np.asarray(batch).shape)
-            return super().predict(batch)
-
-    image = np.random.default_rng(0).random((1024, 1024), np.float32)
-    output = inference.tiled_predict(Recording(), image, tile=256, overlap=40, batch_size=4)
-    assert sum(n for n, *_ in seen) == 25 and {shape[1:3] for shape in seen} == {(238, 238)}
-    np.testing.assert_array_equal(output[..., 0], repeat(image))
-    assert inference.tiled_predict(Recording(), image[:300, :200], tile=256, overlap=40).shape == (600, 400, 1)
-    assert seen[-1][1:3] == (170, 200)  # one axis tiled, the other whole
 
 
 def test_tiled_equals_whole_image_inference_with_a_real_model(tiny_model, testdata):

@@ -184,7 +184,7 @@ def test_vq_ema_codebook_stays_identical_across_replicas():
         print("identical")
         """
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests import ROOT as root
     env = {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert "identical" in result.stdout, result.stderr[-2000:]
