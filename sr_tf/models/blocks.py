@@ -231,8 +231,30 @@ class Deployable(NamedTuple):
     notes: list  # what is arranged differently from the model's own call, one line each; empty: nothing
 
 
+class KeptOptions:
+    """Mixin of the layers and models here: the constructor's options kept as attributes
+    (:meth:`keep`) and written by ``get_config``, so that a saved model is rebuilt with
+    them. ``SAVED_BEFORE``: options added since models were first saved, with the value
+    that older models, whose configs lack them, had; ``from_config`` fills them in."""
+
+    SAVED_BEFORE = {}
+
+    def keep(self, **options):
+        """Set each option as an attribute of that name and keep it for ``get_config``."""
+        for name, value in options.items():
+            setattr(self, name, value)
+        self._kept_options = (*getattr(self, "_kept_options", ()), *options)
+
+    def get_config(self):
+        return {**super().get_config(), **{name: getattr(self, name) for name in self._kept_options}}
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config({**cls.SAVED_BEFORE, **config})
+
+
 @serializable
-class SuperResolutionModel(keras.Model):
+class SuperResolutionModel(KeptOptions, keras.Model):
     """Base of the image-to-image networks: LR (N, H, W, channels) in [0, 1] ->
     (N, scale*H, scale*W, channels), for any H and W.
 
@@ -245,8 +267,7 @@ class SuperResolutionModel(keras.Model):
     def __init__(self, scale=4, channels=1, **kwargs):
         super().__init__(autocast=False, **kwargs)
         num_doublings(scale)
-        self.scale = scale
-        self.channels = channels
+        self.keep(scale=scale, channels=channels)
 
     def deployable(self):
         """The model's inference function as deployed (``sr_tf.export`` converts it to
@@ -256,12 +277,9 @@ class SuperResolutionModel(keras.Model):
         something to rearrange overrides it (``SRResNet.deployable``)."""
         return Deployable(lambda inputs: self(inputs, training=False), [])
 
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "channels": self.channels}
-
 
 @serializable
-class ResidualBlock(layers.Layer):
+class ResidualBlock(KeptOptions, layers.Layer):
     """``x + body(x)`` with body conv-[BN]-activation-conv-[BN].
 
     The default is the SRResNet block (Ledig et al., 2017): 3x3 convs, batch norm, PReLU.
@@ -272,13 +290,8 @@ class ResidualBlock(layers.Layer):
     def __init__(self, filters, kernel_size=3, separable=False, batch_norm=True, activation="prelu",
                  fused_batch_norm=True, fused_prelu=True, **kwargs):
         super().__init__(**kwargs)
-        self.filters = filters
-        self.kernel_size = kernel_size
-        self.separable = separable
-        self.batch_norm = batch_norm
-        self.activation = activation
-        self.fused_batch_norm = fused_batch_norm
-        self.fused_prelu = fused_prelu
+        self.keep(filters=filters, kernel_size=kernel_size, separable=separable, batch_norm=batch_norm,
+                  activation=activation, fused_batch_norm=fused_batch_norm, fused_prelu=fused_prelu)
         conv = dict(use_bias=not batch_norm, separable=separable)
         self.conv1 = conv2d(filters, kernel_size, name="conv1", **conv)
         self.conv2 = conv2d(filters, kernel_size, name="conv2", **conv)
@@ -294,18 +307,6 @@ class ResidualBlock(layers.Layer):
         if self.bn2 is not None:
             x = self.bn2(x)
         return inputs + x
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "kernel_size": self.kernel_size,
-            "separable": self.separable,
-            "batch_norm": self.batch_norm,
-            "activation": self.activation,
-            "fused_batch_norm": self.fused_batch_norm,
-            "fused_prelu": self.fused_prelu,
-        }
 
 
 def _batch_norm_or_none(enabled, fused, name):
@@ -558,7 +559,7 @@ def gate_radius(scale):
 
 
 @serializable
-class VectorQuantizer(layers.Layer):
+class VectorQuantizer(KeptOptions, layers.Layer):
     """Vector quantisation of the last axis against a learned codebook (van den Oord et al.,
     "Neural Discrete Representation Learning", 2017).
 
@@ -590,11 +591,8 @@ class VectorQuantizer(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.codebook_size = codebook_size
-        self.embedding_dim = embedding_dim
-        self.commitment_weight = commitment_weight
-        self.ema = ema
-        self.decay = decay
+        self.keep(codebook_size=codebook_size, embedding_dim=embedding_dim, commitment_weight=commitment_weight,
+                  ema=ema, decay=decay)
 
     def build(self, input_shape):
         if input_shape[-1] != self.embedding_dim:
@@ -643,13 +641,3 @@ class VectorQuantizer(layers.Layer):
         count, total = ops.convert_to_tensor(self.ema_count), ops.convert_to_tensor(self.ema_sum)
         used = count[:, None] > 1e-12
         self.codebook.assign(ops.where(used, total / ops.maximum(count, 1e-12)[:, None], self.codebook))
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "codebook_size": self.codebook_size,
-            "embedding_dim": self.embedding_dim,
-            "commitment_weight": self.commitment_weight,
-            "ema": self.ema,
-            "decay": self.decay,
-        }

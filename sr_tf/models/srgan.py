@@ -65,17 +65,15 @@ class SRResNet(SuperResolutionModel):
     """
 
     separable = False
+    # Models saved before the residual form existed are of the published form.
+    SAVED_BEFORE = {"residual": False}
 
     def __init__(self, scale=4, channels=1, filters=64, num_blocks=16, residual=True, flat_std=DEFAULT_FLAT_STD,
                  tail_before_shuffle=True, fused_batch_norm=True, fused_prelu=True, **kwargs):
         super().__init__(scale=scale, channels=channels, **kwargs)
-        self.filters = filters
-        self.num_blocks = num_blocks
-        self.residual = bool(residual)
-        self.flat_std = flat_std
-        self.tail_before_shuffle = bool(tail_before_shuffle)
-        self.fused_batch_norm = bool(fused_batch_norm)
-        self.fused_prelu = bool(fused_prelu)
+        self.keep(filters=filters, num_blocks=num_blocks, residual=bool(residual), flat_std=flat_std,
+                  tail_before_shuffle=bool(tail_before_shuffle), fused_batch_norm=bool(fused_batch_norm),
+                  fused_prelu=bool(fused_prelu))
         sep = self.separable
         self.head = conv2d(filters, 9, separable=sep, name="head")
         self.head_act = prelu(self.fused_prelu, name="head_prelu")
@@ -184,23 +182,6 @@ class SRResNet(SuperResolutionModel):
         for block in self.upsample[:-1]:
             x = block(x)
         return x
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "num_blocks": self.num_blocks,
-            "residual": self.residual,
-            "flat_std": self.flat_std,
-            "tail_before_shuffle": self.tail_before_shuffle,
-            "fused_batch_norm": self.fused_batch_norm,
-            "fused_prelu": self.fused_prelu,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        # Models saved before the residual form existed are of the published form.
-        return cls(**{"residual": False, **config})
 
 
 def _conv(layer, inputs, deployed):
