@@ -36,13 +36,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = ("srgan", "swift_srgan", "vq_autoencoder", "residual_cnn")
 TARGET = 3.0  # issue 5: the input pipeline at least 3 times as fast as the training step
 
 
 def parse_args(argv=None):
+    from sr_tf import models
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(NAMES), choices=NAMES)
+    parser.add_argument("--models", nargs="*", default=list(models.NAMES), choices=models.NAMES)
     parser.add_argument("--records", default=os.path.join(ROOT, "tfrecords", "samples"),
                         help="data_prep output folder; the embedded sample set is built there if missing")
     parser.add_argument("--scale", type=int, default=4)

@@ -235,7 +235,7 @@ def make_strategy(name):
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"--strategy must be auto, default, mirrored or multi_worker, got {name!r}")
+    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
 
 
 def _task_info(strategy):
