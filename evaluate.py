@@ -20,16 +20,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from sr_tf import consistency, inference  # noqa: E402
+from sr_tf import consistency, inference, records  # noqa: E402
+from sr_tf.data import presets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Run folder, .keras, SavedModel folder, .tflite or zoo name; default: latest run in runs/.")
 flags.DEFINE_string("data", None, "data_prep output folder; default: the run's training data or tfrecords/samples.")
-flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
+flags.DEFINE_enum("split", "test", list(records.SPLITS), "Split to evaluate.")
 flags.DEFINE_string("output", None, "Results folder; default: <run>/eval or results/<model name>.")
-flags.DEFINE_enum("degradation", None, ["bicubic", "blur_downsample", "noisy", "bilinear_artifacts",
-                                        "self_supervised"], "Degradation; default: the one the model trained with.")
-flags.DEFINE_enum("scale", None, ["2", "4", "8"], "Scale; default: the model's.")
+flags.DEFINE_enum("degradation", None, list(presets.PRESETS), "Degradation; default: the one the model trained with.")
+flags.DEFINE_enum("scale", None, [str(s) for s in presets.SCALES], "Scale; default: the model's.")
 flags.DEFINE_integer("seed", 0, "Degradation seed (the same as training's validation by default).")
 flags.DEFINE_integer("tile", inference.DEFAULT_TILE, "LR tile size for tiled inference of large images.")
 flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR tile overlap.")
@@ -37,6 +37,7 @@ flags.DEFINE_integer("max_images", 0, "Evaluate at most this many images (0: all
 flags.DEFINE_integer("figures", 4, "Comparison figures for the first N images.")
 consistency.define_flags("project: report the model and the model followed by data-consistency projection "
                          "(model+projection); none: the model alone.")
+flags.adopt_module_key_flags(consistency)  # --help lists them as this script's flags
 flags.DEFINE_bool("ensemble", False, "Also report the model averaged over the 8 flips and rotations (model+ensemble).")
 flags.DEFINE_integer("adapt_steps", 0, "Also report a copy of the model adapted to each image for this many "
                      "self-supervised steps (model+adaptation; 0: off; Keras models only).")

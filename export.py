@@ -7,7 +7,7 @@
 --model takes a run folder or a .keras file. The int8 model is calibrated on LR patches
 of the run's training records (--data to use others). Writes saved_model/,
 model_{float32,float16,dynamic_int8,int8}.tflite, export_report.json and model_card.json
-into --output (default saved_models/<model name>); see sr_tf/export.py. Data-consistency
+into --output (default saved_models/<model name>); see sr_tf/export/. Data-consistency
 projection after the model is baked into every graph (--consistency=project, the
 default; --consistency=none for the model alone).
 """
@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from sr_tf import consistency  # noqa: E402  (no TensorFlow import: the defaults only)
+from sr_tf.data import presets  # noqa: E402  (no TensorFlow import: the names only)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Run folder, .keras file or zoo name (python zoo.py lists them) to export.", required=True)
@@ -29,11 +30,11 @@ flags.DEFINE_string("data", None, "data_prep folder for int8 calibration and par
                     "training data.")
 flags.DEFINE_list("variants", None, "TFLite variants to build (float32, float16, dynamic_int8, int8); default all.")
 flags.DEFINE_integer("calibration_samples", 100, "LR training patches that calibrate the int8 model.")
-flags.DEFINE_enum("degradation", None, ["bicubic", "blur_downsample", "noisy", "bilinear_artifacts",
-                                        "self_supervised"], "Degradation; default: the one the model trained with.")
+flags.DEFINE_enum("degradation", None, list(presets.PRESETS), "Degradation; default: the one the model trained with.")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration patches and parity images.")
 consistency.define_flags("project: bake data-consistency projection after the model into the SavedModel and TFLite "
                          "graphs; none: export the model alone.")
+flags.adopt_module_key_flags(consistency)  # --help lists them as this script's flags
 
 
 def _summary(report):

@@ -39,6 +39,7 @@ flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by 
 flags.DEFINE_integer("batch_size", inference.DEFAULT_BATCH, "Tiles per model call.")
 consistency.define_flags("project: data-consistency projection after the model (its output, degraded again, reproduces "
                          "the input); none: the model's output as it is.")
+flags.adopt_module_key_flags(consistency)  # --help lists them as this script's flags
 flags.DEFINE_bool("ensemble", False, "Average the model over the 8 flips and rotations of its input (8x the time).")
 flags.DEFINE_bool("uncertainty", False, "Also write an uncertainty map beside each output (implies --ensemble).")
 flags.DEFINE_float("uncertainty_threshold", ensemble.DEFAULT_THRESHOLD, "Uncertainty (in [0, 1] units of the "

@@ -16,9 +16,10 @@ fewer when a configuration's runs exceed ``--budget`` seconds. Parity is the PSN
 form's 512x512 output against the Keras model's (the export's targets: 50 dB float,
 35 dB int8).
 
-Diagnostic rows (smallest size only) show what the rearranged TFLite graph
-(``sr_tf.export.tflite_graph``) gains: the same float32 model converted with the tail
-after the last pixel shuffle as in Keras (only the 9x9 depthwise kernels split), and
+Diagnostic rows (smallest size only) show what the model's deployable form
+(``model.deployable()``, what the TFLite models are converted from) gains: the same
+float32 model converted with the tail after the last pixel shuffle (only the 9x9
+depthwise kernels split: ``deployable(tail_before_shuffle=False)``), and
 converted from the model's own graph (nothing changed); and TFLite's own kernels without
 XNNPACK.
 """
@@ -105,13 +106,8 @@ def diagnostics(model, folder, work, threads):
     with open(unsplit, "wb") as f:
         f.write(export.convert(os.path.join(folder, export.SAVED_MODEL_DIR), "float32"))
     banded_source, banded = os.path.join(work, "banded_only"), os.path.join(work, "banded_float32.tflite")
-    if getattr(model, "tail_before_shuffle", False):  # the same weights, the tail after the shuffle
-        former = type(model).from_config({**model.get_config(), "tail_before_shuffle": False})
-        former(np.zeros((1, 8, 8, model.channels), np.float32))
-        former.set_weights(model.get_weights())
-        model = former
-    with export.banded_depthwise(model):
-        export.save_saved_model(model, banded_source)
+    function, _ = model.deployable(tail_before_shuffle=False)
+    export.save_saved_model(model, banded_source, function)
     with open(banded, "wb") as f:
         f.write(export.convert(banded_source, "float32"))
     float32 = os.path.join(folder, export.tflite_name("float32"))
@@ -149,7 +145,7 @@ def findings(rows, size, gflops_per_mp):
     speed = {r["label"]: r["sizes"][size]["mp_s"] for r in rows if size in r["sizes"]}
     comparisons = [
         ("TFLite float32", BANDED_ONLY, "Running the last PReLU and the 9x9 tail before the final pixel shuffle, the tail "
-         "as a 1x5 and a 5x1 convolution (`export.tflite_graph`)"),
+         "as a 1x5 and a 5x1 convolution (`SRResNet.deployable`)"),
         (BANDED_ONLY, UNCHANGED, "Splitting the 9x9 depthwise convolutions into "
          "bands of kernel rows (XNNPACK runs depthwise kernels of up to 25 taps on its fast path, larger ones many "
          "times slower, slower even than TFLite's own kernels)"),

@@ -7,8 +7,9 @@ For every model (a fresh subprocess each, with the CPU split into two logical de
 by ``tf.config.set_logical_device_configuration`` before TensorFlow starts) the
 trainers come from :func:`sr_tf.training.loop.build` with the published default sizes
 and the training defaults of ``train.py`` (GANs: the adversarial step, with their
-perceptual loss), and the step is the loop's own: ``strategy.run(trainer.train_step)``
-in a ``tf.function``, its losses summed across replicas. Measured, in alternating
+perceptual loss), and the step is the loop's own (``loop.distributed_step``:
+``strategy.run(trainer.train_step)`` in a ``tf.function``, its losses summed across
+replicas). Measured, in alternating
 windows so that load from other processes hits every configuration alike:
 
 - ``pipeline``: batches of ``sr_tf.data.pipeline.make_dataset`` (train split, same patch,
@@ -35,13 +36,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = ("srgan", "swift_srgan", "vq_autoencoder", "residual_cnn")
 TARGET = 3.0  # issue 5: the input pipeline at least 3 times as fast as the training step
 
 
 def parse_args(argv=None):
+    from sr_tf import models
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(NAMES), choices=NAMES)
+    parser.add_argument("--models", nargs="*", default=list(models.NAMES), choices=models.NAMES)
     parser.add_argument("--records", default=os.path.join(ROOT, "tfrecords", "samples"),
                         help="data_prep output folder; the embedded sample set is built there if missing")
     parser.add_argument("--scale", type=int, default=4)
@@ -108,19 +110,10 @@ def worker(args):
         strategy = loop.make_strategy(strategy_name)
         assert strategy.num_replicas_in_sync == replicas, (strategy_name, strategy.num_replicas_in_sync)
         built = loop.build(config, strategy)
-        trainer = built["gan"] or built["supervised"]
-
-        def distributed(trainer=trainer, strategy=strategy):  # as in loop.train
-            @tf.function
-            def run(batch):
-                per_replica = strategy.run(trainer.train_step, args=(batch,))
-                return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
-
-            return run
-
+        step = loop.distributed_step(strategy, built["gan"] or built["supervised"])
         label = "1 replica" if replicas == 1 else f"{replicas} replicas"
         one_batch = tf.data.Dataset.from_tensors(fixed).unbatch().batch(args.batch_size, drop_remainder=True)
-        steps[label] = (strategy, distributed(), next(iter(strategy.experimental_distribute_dataset(one_batch))))
+        steps[label] = (strategy, step, next(iter(strategy.experimental_distribute_dataset(one_batch))))
         timings[f"build s, {label}"] = time.perf_counter() - started
 
     # The input pipeline alone, as bench.pipeline measures it (after the builds, too).
@@ -293,7 +286,7 @@ Setting: train split of the embedded sample set, HR patch {args.patch_size}, sca
 so the default is smaller; `--batch_size=16` for the issue's setting), `{args.degradation}`
 degradation in the pipeline (the default without a GPU), published default model sizes and
 `train.py`'s default losses{gan_text}. Trainers from `sr_tf.training.loop.build`; the step is
-`loop.train`'s: `strategy.run(trainer.train_step)` in a `tf.function`, the losses summed across
+`loop.train`'s (`loop.distributed_step`): `strategy.run(trainer.train_step)` in a `tf.function`, the losses summed across
 replicas and read back every step. All trainers are built before any step runs (each
 `loop.build` seeds Keras, and `tf.random.set_seed` clears TensorFlow's function caches, which
 would make the next call of an already-run step re-optimise its graph), then warmed up.

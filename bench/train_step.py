@@ -5,9 +5,9 @@
 
 Every configuration computes the same function on the same batch (global batch 16, HR
 patch 96, x4, the default strategy): the trainers come from
-``sr_tf.training.loop.build`` with ``train.py``'s losses, and the step is the
-trainer's ``train_step`` compiled by ``tf.function`` (what the loop's ``strategy.run``
-calls on one device). The configurations:
+``sr_tf.training.loop.build`` with ``train.py``'s losses, and the step is the loop's
+own (``loop.distributed_step``: the trainer's ``train_step`` under ``strategy.run`` in a
+``tf.function``, here on one device). The configurations:
 
 - ``former``: the step as it was: Keras' own batch normalisation and PReLU, the tail
   after the last pixel shuffle (``fused_batch_norm=False, fused_prelu=False,
@@ -102,6 +102,7 @@ def measure(name, args):
     if args.xla:
         configs[XLA] = CONFIGS["former"]
     built_all = {}
+    strategy = tf.distribute.get_strategy()
     for label, options in configs.items():  # every build first: loop.build re-seeds (clears tf.function caches)
         if label == XLA:
             built_all[label] = built_all["former"]
@@ -112,7 +113,7 @@ def measure(name, args):
                                   perceptual_weights="random", model_options=model_options,
                                   discriminator_options={"fused_batch_norm": options["fused_batch_norm"]},
                                   pretrain_steps=1)
-        built_all[label] = built = loop.build(config, tf.distribute.get_strategy())
+        built_all[label] = built = loop.build(config, strategy)
         if options[JOINED]:
             built["gan"].perceptual_loss = JoinedPerceptualLoss(built["gan"].perceptual_loss)
     for label, built in built_all.items():
@@ -121,7 +122,7 @@ def measure(name, args):
                 continue  # compiling the perceptual backbone's step alone takes minutes
             if label in PIXEL_ONLY_SKIPS and phase == "pixel":
                 continue
-            step = tf.function(trainer.train_step, jit_compile=label == XLA)
+            step = loop.distributed_step(strategy, trainer, jit_compile=label == XLA)
             steps[phase][label] = lambda step=step: float(step(batch)["loss"])
     seconds = {phase: {label: [] for label in calls} for phase, calls in steps.items()}
     for phase, calls in steps.items():

@@ -65,6 +65,7 @@ _BACKBONES = {
         "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
     ),
 }
+BACKBONES = tuple(_BACKBONES)  # the perceptual backbones by name
 
 
 def keras_cache_dir():
@@ -106,7 +107,7 @@ class PerceptualLoss:
 
     def __init__(self, backbone="vgg19", weights="imagenet", weight=6e-3, seed=1337):
         if backbone not in _BACKBONES:
-            raise ValueError(f"backbone must be one of {tuple(_BACKBONES)}, got {backbone!r}")
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
         self.backbone = backbone
         self.weight = weight
         self.weights_path = self._resolve_weights(backbone, weights)

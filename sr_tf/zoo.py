@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -331,8 +330,7 @@ def package(name, say=print):
             built = json.load(f)
     except OSError:
         built = {"command": recipe.command(run_dir), "wall_seconds": None}
-    os.makedirs(ZOO_DIR, exist_ok=True)
-    staging = os.path.join(ZOO_DIR, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    staging = export.staging_path(folder(name))
     exported = staging + "-export"
     try:
         say(f"[{name}] exporting float16 TFLite")
@@ -360,11 +358,11 @@ def package(name, say=print):
             validation=result["val"],
             evaluation=_evaluation_entry(summary),
             tflite_parity_db=report["variants"]["float16"].get("psnr_db"),
-            files=[export._file_entry(staging, KERAS_FILE), export._file_entry(staging, TFLITE_FILE)],
+            files=[export.file_entry(staging, KERAS_FILE), export.file_entry(staging, TFLITE_FILE)],
             consistency_warning=evaluation.consistency_warning(summary["all"]),
         )
         files.write_json_atomic(os.path.join(staging, CARD_FILE), _relative(model_card))
-        export._publish(staging, os.path.abspath(folder(name)))
+        export.replace_folder(staging, os.path.abspath(folder(name)))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(exported, ignore_errors=True)

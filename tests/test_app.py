@@ -20,9 +20,9 @@ import urllib.request
 import numpy as np
 import pytest
 
+from tests import ROOT
 from sr_tf import display, zoo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 

@@ -44,9 +44,9 @@ import math
 
 import tensorflow as tf
 
-SCALES = (2, 4, 8)
+from sr_tf.data.presets import PRESETS, SCALES
+
 KERNELS = ("bicubic", "bilinear", "area")
-PRESETS = ("bicubic", "blur_downsample", "noisy", "bilinear_artifacts", "self_supervised")
 
 # blur_downsample: Gaussian sigma range in HR pixels = this range times the scale.
 BLUR_SIGMA_PER_SCALE = (0.25, 0.75)

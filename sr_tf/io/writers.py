@@ -210,7 +210,7 @@ def _dicom_dataset(image, upscaled, derivation, indices, uncertainty=False):
         dtype = np.dtype(np.uint16)
 
         def convert(values, frame):
-            return _rounded(values / span * 65535.0, 0, 65535, dtype)
+            return _rounded(intensity.to_levels(values, 0.0, span), 0, intensity.STORED_MAX, dtype)
     else:
         convert, dtype = _dicom_converter(source)
     frames = _to_output(image, upscaled, indices, scale, convert, dtype)
@@ -285,7 +285,7 @@ def _uncertainty_pixels(ds, span):
             delattr(ds, keyword)
     if "PresentationLUTShape" in ds:
         ds.PresentationLUTShape = "IDENTITY"
-    slope = _ds_number(span / 65535.0)
+    slope = _ds_number(intensity.quantisation_step(0.0, span))
     groups = [item for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
               for item in ds.get(key) or []]
     for group in groups:

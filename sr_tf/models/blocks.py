@@ -8,6 +8,7 @@ model (Keras 3 propagates it), so only layers that use it declare it.
 
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import keras
 import numpy as np
@@ -223,8 +224,37 @@ def pad_to_multiple(images, multiple):
     return images
 
 
+class Deployable(NamedTuple):
+    """A model's inference function arranged for deployment (``SuperResolutionModel.deployable``)."""
+
+    function: Callable  # LR (N, H, W, C) float32 -> the model's output, in inference mode
+    notes: list  # what is arranged differently from the model's own call, one line each; empty: nothing
+
+
+class KeptOptions:
+    """Mixin of the layers and models here: the constructor's options kept as attributes
+    (:meth:`keep`) and written by ``get_config``, so that a saved model is rebuilt with
+    them. ``SAVED_BEFORE``: options added since models were first saved, with the value
+    that older models, whose configs lack them, had; ``from_config`` fills them in."""
+
+    SAVED_BEFORE = {}
+
+    def keep(self, **options):
+        """Set each option as an attribute of that name and keep it for ``get_config``."""
+        for name, value in options.items():
+            setattr(self, name, value)
+        self._kept_options = (*getattr(self, "_kept_options", ()), *options)
+
+    def get_config(self):
+        return {**super().get_config(), **{name: getattr(self, name) for name in self._kept_options}}
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config({**cls.SAVED_BEFORE, **config})
+
+
 @serializable
-class SuperResolutionModel(keras.Model):
+class SuperResolutionModel(KeptOptions, keras.Model):
     """Base of the image-to-image networks: LR (N, H, W, channels) in [0, 1] ->
     (N, scale*H, scale*W, channels), for any H and W.
 
@@ -237,15 +267,19 @@ class SuperResolutionModel(keras.Model):
     def __init__(self, scale=4, channels=1, **kwargs):
         super().__init__(autocast=False, **kwargs)
         num_doublings(scale)
-        self.scale = scale
-        self.channels = channels
+        self.keep(scale=scale, channels=channels)
 
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "channels": self.channels}
+    def deployable(self):
+        """The model's inference function as deployed (``sr_tf.export`` converts it to
+        TFLite), with notes on what it arranges differently: the same function as
+        ``model(x, training=False)`` up to float rounding, laid out for XNNPACK, LiteRT's
+        default CPU delegate. Here the model's own call, with no notes; a family with
+        something to rearrange overrides it (``SRResNet.deployable``)."""
+        return Deployable(lambda inputs: self(inputs, training=False), [])
 
 
 @serializable
-class ResidualBlock(layers.Layer):
+class ResidualBlock(KeptOptions, layers.Layer):
     """``x + body(x)`` with body conv-[BN]-activation-conv-[BN].
 
     The default is the SRResNet block (Ledig et al., 2017): 3x3 convs, batch norm, PReLU.
@@ -256,13 +290,8 @@ class ResidualBlock(layers.Layer):
     def __init__(self, filters, kernel_size=3, separable=False, batch_norm=True, activation="prelu",
                  fused_batch_norm=True, fused_prelu=True, **kwargs):
         super().__init__(**kwargs)
-        self.filters = filters
-        self.kernel_size = kernel_size
-        self.separable = separable
-        self.batch_norm = batch_norm
-        self.activation = activation
-        self.fused_batch_norm = fused_batch_norm
-        self.fused_prelu = fused_prelu
+        self.keep(filters=filters, kernel_size=kernel_size, separable=separable, batch_norm=batch_norm,
+                  activation=activation, fused_batch_norm=fused_batch_norm, fused_prelu=fused_prelu)
         conv = dict(use_bias=not batch_norm, separable=separable)
         self.conv1 = conv2d(filters, kernel_size, name="conv1", **conv)
         self.conv2 = conv2d(filters, kernel_size, name="conv2", **conv)
@@ -278,18 +307,6 @@ class ResidualBlock(layers.Layer):
         if self.bn2 is not None:
             x = self.bn2(x)
         return inputs + x
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "kernel_size": self.kernel_size,
-            "separable": self.separable,
-            "batch_norm": self.batch_norm,
-            "activation": self.activation,
-            "fused_batch_norm": self.fused_batch_norm,
-            "fused_prelu": self.fused_prelu,
-        }
 
 
 def _batch_norm_or_none(enabled, fused, name):
@@ -364,6 +381,55 @@ def row_factored_conv(inputs, kernel):
     gather = ops.convert_to_tensor(gather, rows.dtype)
     return ops.conv(ops.conv(inputs, ops.cast(rows, inputs.dtype), padding="same"),
                     ops.cast(gather, inputs.dtype), padding="same")
+
+
+# Largest depthwise kernel (taps) on XNNPACK's fast path: it runs depthwise kernels of up
+# to 25 taps on a fast path and larger ones on a path about 30 times slower per tap,
+# slower even than TFLite's own kernel.
+XNNPACK_FAST_TAPS = 25
+
+
+def has_large_depthwise(conv):
+    """True for a separable convolution whose depthwise kernel has more than
+    ``XNNPACK_FAST_TAPS`` taps and that ``deployed_conv`` can split (stride 1, no
+    dilation, "same", channels-last)."""
+    return (isinstance(conv, layers.SeparableConv2D)
+            and conv.kernel_size[0] * conv.kernel_size[1] > XNNPACK_FAST_TAPS
+            and tuple(conv.strides) == (1, 1) and tuple(conv.dilation_rate) == (1, 1)
+            and conv.padding == "same" and conv.data_format == "channels_last")
+
+
+def split_depthwise(inputs, kernel, rows):
+    """A "same", stride-1 depthwise convolution as a sum of convolutions over bands of at
+    most ``rows`` kernel rows, each on the zero-padded input shifted by its first row.
+    Slices have constant bounds, so no shape arithmetic enters the graph."""
+    height, width = kernel.shape[:2]
+    top, left = (height - 1) // 2, (width - 1) // 2
+    padded = tf.pad(inputs, [[0, 0], [top, height - 1 - top], [left, width - 1 - left], [0, 0]])
+    total = None
+    for first in range(0, height, rows):
+        last = min(height, first + rows)
+        band = padded[:, first:(last - height) or None]
+        part = tf.nn.depthwise_conv2d(band, kernel[first:last], [1, 1, 1, 1], "VALID")
+        total = part if total is None else total + part
+    return total
+
+
+def deployed_conv(conv, inputs):
+    """``conv(inputs)`` in its deployed form: a convolution with ``has_large_depthwise``
+    runs its depthwise step in bands of kernel rows of at most ``XNNPACK_FAST_TAPS`` taps
+    (``split_depthwise``) whose outputs are summed, the same function on XNNPACK's fast
+    path; any other layer runs as it is."""
+    if not has_large_depthwise(conv):
+        return conv(inputs)
+    dtype = conv.compute_dtype
+    rows = max(1, XNNPACK_FAST_TAPS // conv.kernel_size[1])
+    inputs = tf.cast(inputs, dtype)
+    depthwise = split_depthwise(inputs, tf.cast(conv.depthwise_kernel, dtype), rows)
+    outputs = tf.nn.conv2d(depthwise, tf.cast(conv.pointwise_kernel, dtype), 1, "VALID")
+    if conv.use_bias:
+        outputs = outputs + tf.cast(conv.bias, dtype)
+    return conv.activation(outputs)
 
 
 @serializable
@@ -493,7 +559,7 @@ def gate_radius(scale):
 
 
 @serializable
-class VectorQuantizer(layers.Layer):
+class VectorQuantizer(KeptOptions, layers.Layer):
     """Vector quantisation of the last axis against a learned codebook (van den Oord et al.,
     "Neural Discrete Representation Learning", 2017).
 
@@ -525,11 +591,8 @@ class VectorQuantizer(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.codebook_size = codebook_size
-        self.embedding_dim = embedding_dim
-        self.commitment_weight = commitment_weight
-        self.ema = ema
-        self.decay = decay
+        self.keep(codebook_size=codebook_size, embedding_dim=embedding_dim, commitment_weight=commitment_weight,
+                  ema=ema, decay=decay)
 
     def build(self, input_shape):
         if input_shape[-1] != self.embedding_dim:
@@ -578,13 +641,3 @@ class VectorQuantizer(layers.Layer):
         count, total = ops.convert_to_tensor(self.ema_count), ops.convert_to_tensor(self.ema_sum)
         used = count[:, None] > 1e-12
         self.codebook.assign(ops.where(used, total / ops.maximum(count, 1e-12)[:, None], self.codebook))
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "codebook_size": self.codebook_size,
-            "embedding_dim": self.embedding_dim,
-            "commitment_weight": self.commitment_weight,
-            "ema": self.ema,
-            "decay": self.decay,
-        }

@@ -21,15 +21,15 @@ class ResidualCNN(SuperResolutionModel):
     input itself. The gate fades the correction where the image is flat, and the clip to
     [0, 1] is straight-through while training (see ``ResidualOutput``)."""
 
+    # Models saved before the flat-region gate existed add their correction everywhere.
+    SAVED_BEFORE = {"flat_std": 0.0}
+
     def __init__(self, scale=4, channels=1, filters=64, num_layers=5, kernel_size=3, flat_std=DEFAULT_FLAT_STD,
                  **kwargs):
         super().__init__(scale=scale, channels=channels, **kwargs)
         if num_layers < 2:
             raise ValueError(f"num_layers must be at least 2, got {num_layers}")
-        self.filters = filters
-        self.num_layers = num_layers
-        self.kernel_size = kernel_size
-        self.flat_std = flat_std
+        self.keep(filters=filters, num_layers=num_layers, kernel_size=kernel_size, flat_std=flat_std)
         self.convs = [conv2d(filters, kernel_size, activation="relu", name=f"conv_{i}") for i in range(num_layers - 1)]
         self.convs.append(conv2d(channels, kernel_size, name="residual"))
         self.to_output = ResidualOutput(flat_std, gate_radius(scale), dtype="float32", name="output")
@@ -40,17 +40,3 @@ class ResidualCNN(SuperResolutionModel):
         for conv in self.convs:
             x = conv(x)
         return self.to_output(base, x)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "num_layers": self.num_layers,
-            "kernel_size": self.kernel_size,
-            "flat_std": self.flat_std,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        # Models saved before the flat-region gate existed add their correction everywhere.
-        return cls(**{"flat_std": 0.0, **config})

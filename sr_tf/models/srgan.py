@@ -10,6 +10,8 @@ from keras import layers, ops
 
 from sr_tf.models.blocks import (
     DEFAULT_FLAT_STD,
+    XNNPACK_FAST_TAPS,
+    Deployable,
     ResidualBlock,
     ResidualOutput,
     SuperResolutionModel,
@@ -21,7 +23,9 @@ from sr_tf.models.blocks import (
     bicubic_upsample,
     conv2d,
     dense_kernel,
+    deployed_conv,
     gate_radius,
+    has_large_depthwise,
     num_doublings,
     prelu,
     prelu_apply,
@@ -61,17 +65,15 @@ class SRResNet(SuperResolutionModel):
     """
 
     separable = False
+    # Models saved before the residual form existed are of the published form.
+    SAVED_BEFORE = {"residual": False}
 
     def __init__(self, scale=4, channels=1, filters=64, num_blocks=16, residual=True, flat_std=DEFAULT_FLAT_STD,
                  tail_before_shuffle=True, fused_batch_norm=True, fused_prelu=True, **kwargs):
         super().__init__(scale=scale, channels=channels, **kwargs)
-        self.filters = filters
-        self.num_blocks = num_blocks
-        self.residual = bool(residual)
-        self.flat_std = flat_std
-        self.tail_before_shuffle = bool(tail_before_shuffle)
-        self.fused_batch_norm = bool(fused_batch_norm)
-        self.fused_prelu = bool(fused_prelu)
+        self.keep(filters=filters, num_blocks=num_blocks, residual=bool(residual), flat_std=flat_std,
+                  tail_before_shuffle=bool(tail_before_shuffle), fused_batch_norm=bool(fused_batch_norm),
+                  fused_prelu=bool(fused_prelu))
         sep = self.separable
         self.head = conv2d(filters, 9, separable=sep, name="head")
         self.head_act = prelu(self.fused_prelu, name="head_prelu")
@@ -102,12 +104,42 @@ class SRResNet(SuperResolutionModel):
             self.tail.build(features)
 
     def call(self, inputs, training=None):
-        x = self.trunk(inputs)
+        return self._forward(inputs, training, self.tail_before_shuffle, deployed=False)
+
+    def deployable(self, tail_before_shuffle=True):
+        """The inference function as deployed, and notes on what it rearranges (see
+        ``SuperResolutionModel.deployable``):
+
+        * with upsampling, the last PReLU and the 9x9 tail run before the final pixel
+          shuffle (``rearranged_tail``) whatever the model's ``tail_before_shuffle``, so
+          that a model saved with the tail after it deploys in the fast form too;
+          ``tail_before_shuffle=False`` keeps the tail after it (``bench.inference``
+          measures what the rearrangement gains);
+        * the 9x9 convolutions that run as layers (the head; the tail when it is not
+          rearranged) split their depthwise kernels into row bands when separable
+          (``deployed_conv``: Swift-SRGAN). The other convolutions are 3x3.
+        """
+        rearranged = bool(self.upsample) and tail_before_shuffle
+        notes = []
+        if rearranged:
+            form = "the model's own form" if self.tail_before_shuffle else "rearranged here"
+            notes.append("last PReLU and 9x9 tail run before the final pixel shuffle, the tail as a 1x5 and a 5x1 "
+                         f"convolution (same function; {form})")
+        banded = [conv for conv in (self.head, *(() if rearranged else (self.tail,))) if has_large_depthwise(conv)]
+        if banded:
+            notes.append(f"{len(banded)} depthwise convolution(s) of more than {XNNPACK_FAST_TAPS} taps split into "
+                         "bands of kernel rows (XNNPACK fast path; same function)")
+        return Deployable(lambda inputs: self._forward(inputs, False, rearranged, deployed=True), notes)
+
+    def _forward(self, inputs, training, tail_before_shuffle, deployed):
+        """The output with the tail before or after the last pixel shuffle; ``deployed``:
+        the 9x9 layers in their deployed form (``deployed_conv``)."""
+        x = self.trunk(inputs, deployed)
         if not self.upsample:
-            return self.finish(inputs, self.tail(x))
-        if self.tail_before_shuffle:
+            return self.finish(inputs, _conv(self.tail, x, deployed))
+        if tail_before_shuffle:
             return self.finish(inputs, self.rearranged_tail(x, training=training))
-        return self.finish(inputs, self.tail(self.upsample[-1](x)))
+        return self.finish(inputs, _conv(self.tail, self.upsample[-1](x), deployed))
 
     def rearranged_tail(self, x, training=False):
         """``tail(upsample[-1](x))`` computed on the grid before the last pixel shuffle.
@@ -138,11 +170,11 @@ class SRResNet(SuperResolutionModel):
             return self.to_output(bicubic_upsample(inputs, self.scale), prediction)
         return self.to_output(prediction)
 
-    def trunk(self, inputs):
+    def trunk(self, inputs, deployed=False):
         """Everything before the last upsampling block: head, residual body with its
-        skip, and all but the last x2 step (``sr_tf.export`` rearranges the last step
-        and the tail for TFLite)."""
-        skip = self.head_act(self.head(inputs))
+        skip, and all but the last x2 step (``rearranged_tail`` takes it from there);
+        ``deployed``: the head in its deployed form (``deployed_conv``)."""
+        skip = self.head_act(_conv(self.head, inputs, deployed))
         x = skip
         for block in self.body:
             x = block(x)
@@ -151,22 +183,10 @@ class SRResNet(SuperResolutionModel):
             x = block(x)
         return x
 
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "num_blocks": self.num_blocks,
-            "residual": self.residual,
-            "flat_std": self.flat_std,
-            "tail_before_shuffle": self.tail_before_shuffle,
-            "fused_batch_norm": self.fused_batch_norm,
-            "fused_prelu": self.fused_prelu,
-        }
 
-    @classmethod
-    def from_config(cls, config):
-        # Models saved before the residual form existed are of the published form.
-        return cls(**{"residual": False, **config})
+def _conv(layer, inputs, deployed):
+    """``layer(inputs)``, or with ``deployed`` its deployed form (``deployed_conv``)."""
+    return deployed_conv(layer, inputs) if deployed else layer(inputs)
 
 
 @serializable

@@ -37,6 +37,9 @@ class VQAutoencoder(SuperResolutionModel):
     the correction where the image is flat, the clip to [0, 1] is straight-through
     while training (see ``ResidualOutput``)."""
 
+    # Models saved before the flat-region gate existed add their correction everywhere.
+    SAVED_BEFORE = {"flat_std": 0.0}
+
     def __init__(
         self,
         scale=4,
@@ -52,14 +55,9 @@ class VQAutoencoder(SuperResolutionModel):
         **kwargs,
     ):
         super().__init__(scale=scale, channels=channels, **kwargs)
-        self.filters = filters
-        self.num_res_blocks = num_res_blocks
-        self.num_downsamples = num_downsamples
-        self.codebook_size = codebook_size
-        self.embedding_dim = embedding_dim
-        self.commitment_weight = commitment_weight
-        self.ema = ema
-        self.flat_std = flat_std
+        self.keep(filters=filters, num_res_blocks=num_res_blocks, num_downsamples=num_downsamples,
+                  codebook_size=codebook_size, embedding_dim=embedding_dim, commitment_weight=commitment_weight,
+                  ema=ema, flat_std=flat_std)
 
         def res_blocks(part):
             return [
@@ -91,21 +89,3 @@ class VQAutoencoder(SuperResolutionModel):
         for layer in self.decoder:
             x = layer(x)
         return self.to_output(base, x[:, :height, :width])
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "num_res_blocks": self.num_res_blocks,
-            "num_downsamples": self.num_downsamples,
-            "codebook_size": self.codebook_size,
-            "embedding_dim": self.embedding_dim,
-            "commitment_weight": self.commitment_weight,
-            "ema": self.ema,
-            "flat_std": self.flat_std,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        # Models saved before the flat-region gate existed add their correction everywhere.
-        return cls(**{"flat_std": 0.0, **config})

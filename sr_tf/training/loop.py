@@ -37,69 +37,165 @@ log = logging.getLogger(__name__)
 # Swift-SRGAN's loss weights (pixel 1, adversarial 1e-3, perceptual 6e-3, TV 2e-8).
 DEFAULT_PERCEPTUAL = {"srgan": "vgg19", "swift_srgan": "mobilenet_v2"}
 
+# The names of the choices that are the loop's own (the others come from their registries:
+# TrainConfig.choices).
+DEGRADE_ON = ("auto", "pipeline", "device")
+LR_SCHEDULES = ("constant", "cosine", "step")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+
+
+def _setting(default, help_text):
+    """A TrainConfig field and the help text of its flag (``TrainConfig.define_flags``)."""
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help_text})
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+def _json_object(text):
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a run depends on; stored as ``config.json`` in the run directory."""
+    """Everything a run depends on; stored as ``config.json`` in the run directory.
 
-    model: str = "swift_srgan"
-    scale: int = 4
-    data: str = "tfrecords/samples"
-    run_dir: str = "runs/swift_srgan_x4"
-    steps: int = 1000
-    max_minutes: float = 0.0  # time budget of the loop; 0: none. Stops early, evaluated and saved
-    pretrain_steps: int = 0  # pixel-loss generator steps before the adversarial phase
-    batch_size: int = 16  # global
-    patch_size: int = 96  # HR patch
-    degradation: str = "bicubic"
-    degrade_on: str = "auto"  # pipeline | device | auto (device when a GPU is present)
-    pixel_loss: str = "l1"
-    pixel_weight: float = 1.0
-    adversarial_weight: float = 1e-3
-    relativistic: bool = False
-    perceptual: str = "auto"  # auto | none | vgg19 | mobilenet_v2
-    perceptual_weight: float = 6e-3
-    perceptual_weights: str = "imagenet"  # imagenet (Keras cache) | path to .h5 | random
-    tv_weight: float = 2e-8
-    ssim_weight: float = 0.0
-    learning_rate: float = 1e-4
-    d_learning_rate: float = 1e-4
-    lr_schedule: str = "constant"  # constant | cosine | step
-    warmup_steps: int = 0  # linear warm-up from 0 to the learning rate (cosine schedule)
-    ema_decay: float = 0.0  # decay of the generator's weight average; 0: no average
-    augment: bool = False  # intensity / smoothness / input-noise augmentation (sr_tf.data.augment)
-    init_from: str = ""  # a generator (.keras, run folder or zoo name) whose weights start the run
-    verify_shards: bool = True  # check the shards' SHA-256 against the manifest before training
-    mixed_precision: bool = False
-    strategy: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    eval_every: int = 500
-    log_every: int = 10
-    eval_max_images: int = 16
-    grid_images: int = 4
-    model_options: dict = dataclasses.field(default_factory=dict)
-    discriminator_options: dict = dataclasses.field(default_factory=dict)
-    progress: bool = True
+    These are the training defaults: ``train.py``'s flags are made from the fields
+    (:meth:`define_flags`) and give a configuration back (:meth:`from_flags`), so a
+    library caller and the command line start from the same values.
+    """
+
+    model: str = _setting("swift_srgan", "Model family.")
+    scale: int = _setting(4, "Upscaling factor.")
+    data: str = _setting("tfrecords/samples", "data_prep output folder.")
+    run_dir: str = _setting("runs/swift_srgan_x4", "Run folder.")
+    steps: int = _setting(10000, "Total training steps.")
+    max_minutes: float = _setting(0.0, "Time budget of the training loop in minutes: it stops early, evaluated "
+                                       "and saved (0: none).")
+    pretrain_steps: int = _setting(0, "Pixel-loss generator steps before the adversarial phase (GANs).")
+    batch_size: int = _setting(16, "Global batch size (split across replicas).")
+    patch_size: int = _setting(96, "HR patch size.")
+    degradation: str = _setting("bicubic", "Degradation preset.")
+    degrade_on: str = _setting("auto", "Where LR inputs are made (auto: inside the train step when a GPU is "
+                                       "present).")
+    pixel_loss: str = _setting("l1", "Pixel loss (L1: sharper than MSE and the PSNR-oriented SR default).")
+    pixel_weight: float = _setting(1.0, "Pixel loss weight.")
+    adversarial_weight: float = _setting(1e-3, "Adversarial loss weight.")
+    relativistic: bool = _setting(False, "Relativistic average adversarial loss.")
+    perceptual: str = _setting("auto", "Perceptual loss backbone (auto: VGG19 for srgan, MobileNetV2 for "
+                                       "swift_srgan, none otherwise).")
+    perceptual_weight: float = _setting(6e-3, "Perceptual loss weight.")
+    perceptual_weights: str = _setting("imagenet", "imagenet (from the Keras cache; random frozen backbone when "
+                                                   "absent), a .h5 path, or random.")
+    tv_weight: float = _setting(2e-8, "Total variation weight.")
+    ssim_weight: float = _setting(0.0, "SSIM loss weight.")
+    learning_rate: float = _setting(2e-4, "Generator learning rate.")
+    d_learning_rate: float = _setting(1e-4, "Discriminator learning rate.")
+    lr_schedule: str = _setting("cosine", "Learning-rate schedule.")
+    warmup_steps: int = _setting(0, "Linear warm-up steps from 0 to the learning rate (cosine schedule).")
+    ema_decay: float = _setting(0.999, "Decay of the generator's exponential weight average, evaluated beside the "
+                                       "trained weights; the better of the two is saved (0: no average).")
+    augment: bool = _setting(True, "Intensity, smoothness and input-noise augmentation of training patches "
+                                   "(sr_tf.data.augment).")
+    init_from: str = _setting("", "Start from the weights of this generator (.keras, run folder or zoo name), "
+                                  "e.g. a PSNR-trained model before adversarial fine-tuning.")
+    verify_shards: bool = _setting(True, "Check every shard's SHA-256 against the manifest before training "
+                                         "(sizes are always checked); false skips the hashing for very large data.")
+    mixed_precision: bool = _setting(False, "mixed_float16 compute (GPU).")
+    strategy: str = _setting("auto", "Distribution strategy (auto: multi_worker when TF_CONFIG names several "
+                                     "workers, mirrored with several GPUs, else default).")
+    seed: int = _setting(0, "Random seed.")
+    resume: bool = _setting(False, "Continue from the run folder's last checkpoint.")
+    checkpoint_every: int = _setting(200, "Checkpoint interval in steps.")
+    keep_checkpoints: int = _setting(3, "How many recent checkpoints to keep.")
+    eval_every: int = _setting(200, "Validation interval in steps.")
+    log_every: int = _setting(10, "Logging interval in steps.")
+    eval_max_images: int = _setting(16, "Validation images evaluated at each validation.")
+    grid_images: int = _setting(4, "Validation images shown as LR | bicubic | SR | HR in TensorBoard.")
+    model_options: dict = _setting({}, "JSON of model constructor options, e.g. '{\"num_blocks\": 8}'.")
+    discriminator_options: dict = _setting({}, "JSON of discriminator options, e.g. '{\"filters\": 32}'.")
+    progress: bool = _setting(True, "Show a progress bar.")
+
+    @staticmethod
+    def choices():
+        """The allowed values of the fields that name something, from the registries that
+        define them, read at each call: what ``check`` accepts and the flags offer."""
+        from sr_tf import losses, models
+        from sr_tf.data import degrade
+
+        return {
+            "model": models.NAMES,
+            "scale": degrade.SCALES,
+            "degradation": degrade.PRESETS,
+            "degrade_on": DEGRADE_ON,
+            "pixel_loss": losses.PixelLoss.KINDS,
+            "perceptual": ("auto", "none", *losses.BACKBONES),
+            "lr_schedule": LR_SCHEDULES,
+            "strategy": STRATEGIES,
+        }
+
+    @classmethod
+    def define_flags(cls, flag_values=None, resolved=None):
+        """Define one absl flag per field, named as the field, with its default and its
+        help text; the fields of :meth:`choices` are enum flags of their names, the dict
+        fields JSON strings that must hold an object.
+
+        ``resolved`` maps fields whose default the front end works out itself to what
+        that default is: their flags default to None (:meth:`from_flags` then takes the
+        front end's value) and their help says what None stands for.
+        """
+        from absl import flags
+
+        flag_values = flags.FLAGS if flag_values is None else flag_values
+        resolved = resolved or {}
+        choices = cls.choices()
+        for field in dataclasses.fields(cls):
+            name, help_text = field.name, field.metadata["help"]
+            default = field.default_factory() if field.type is dict else field.default
+            if name in resolved:
+                default, help_text = None, f"{help_text} Default: {resolved[name]}."
+            if name in choices:
+                flags.DEFINE_enum(name, None if default is None else str(default), [str(c) for c in choices[name]],
+                                  help_text, flag_values=flag_values)
+            elif field.type is dict:
+                flags.DEFINE_string(name, json.dumps(default), help_text, flag_values=flag_values)
+                flags.register_validator(name, _json_object, f"--{name} must be a JSON object",
+                                         flag_values=flag_values)
+            else:
+                define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+                          str: flags.DEFINE_string}[field.type]
+                define(name, default, help_text, flag_values=flag_values)
+
+    @classmethod
+    def from_flags(cls, flag_values=None, **defaults):
+        """The configuration that flags defined by :meth:`define_flags` give: each field
+        is its flag's value in the field's type (an enum's name converted, JSON decoded);
+        a flag left at None takes ``defaults[name]``, else the field's own default."""
+        from absl import flags
+
+        flag_values = flags.FLAGS if flag_values is None else flag_values
+        values = {}
+        for field in dataclasses.fields(cls):
+            value = flag_values[field.name].value
+            if value is not None:
+                values[field.name] = json.loads(value) if field.type is dict else field.type(value)
+            elif field.name in defaults:
+                values[field.name] = defaults[field.name]
+        return cls(**values)
 
     def check(self):
         from sr_tf import models
-        from sr_tf.data import degrade
 
-        if self.model not in models.NAMES:
-            raise ValueError(f"--model must be one of {models.NAMES}, got {self.model!r}")
-        if self.scale not in (2, 4, 8):
-            raise ValueError(f"--scale must be 2, 4 or 8, got {self.scale}")
-        if self.degradation not in degrade.PRESETS:
-            raise ValueError(f"--degradation must be one of {degrade.PRESETS}, got {self.degradation!r}")
+        for name, allowed in self.choices().items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(map(str, allowed))}, "
+                                 f"got {getattr(self, name)!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("--steps and --batch_size must be positive")
         if not 0 <= self.pretrain_steps <= self.steps:
             raise ValueError("--pretrain_steps must be between 0 and --steps")
-        if self.lr_schedule not in ("constant", "cosine", "step"):
-            raise ValueError(f"--lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError("--warmup_steps must be at least 0 and less than --steps")
         if self.warmup_steps and self.lr_schedule != "cosine":
@@ -113,8 +209,6 @@ class TrainConfig:
             )
         if self.max_minutes < 0:
             raise ValueError(f"--max_minutes must be 0 (no budget) or positive, got {self.max_minutes}")
-        if self.degrade_on not in ("auto", "pipeline", "device"):
-            raise ValueError(f"--degrade_on must be auto, pipeline or device, got {self.degrade_on!r}")
 
 
 class TrainingError(RuntimeError):
@@ -141,7 +235,7 @@ def make_strategy(name):
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"--strategy must be auto, default, mirrored or multi_worker, got {name!r}")
+    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
 
 
 def _task_info(strategy):
@@ -308,6 +402,21 @@ def datasets(config, strategy):
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def distributed_step(strategy, trainer, jit_compile=False):
+    """The loop's training step (docs/DESIGN.md, contract 7 (the one training loop)):
+    ``strategy.run(trainer.train_step)`` on a distributed batch inside a ``tf.function``,
+    each returned value summed over the replicas with ``strategy.reduce(SUM)``. Returns
+    the step, ``batch -> {name: tensor}``; ``jit_compile`` compiles it with XLA
+    (``bench.train_step`` measures that; the loop does not)."""
+
+    @tf.function(jit_compile=jit_compile)
+    def step(batch):
+        per_replica = strategy.run(trainer.train_step, args=(batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+    return step
 
 
 class _Stop:
@@ -488,18 +597,10 @@ def train(config, flags_text=None, strategy=None):
     iterator = iter(train_data)
     steps = {}
 
-    def distributed(trainer):
-        @tf.function
-        def run(batch):
-            per_replica = strategy.run(trainer.train_step, args=(batch,))
-            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
-
-        return run
-
     if config.pretrain_steps or gan is None:
-        steps["pretrain" if gan is not None else "train"] = distributed(supervised)
+        steps["pretrain" if gan is not None else "train"] = distributed_step(strategy, supervised)
     if gan is not None:
-        steps["adversarial"] = distributed(gan)
+        steps["adversarial"] = distributed_step(strategy, gan)
 
     same_size = degrade.model_scale(config.degradation, config.scale) == 1
     grid_samples = list(val.take(config.grid_images))

@@ -16,11 +16,11 @@ import uuid
 import pytest
 import tensorflow as tf
 
+from tests import ROOT
 from sr_tf import conversion, conversion_beam, records
 from sr_tf.io import files, samples
 from sr_tf.io.shards import ShardWriter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARD_MB = 2.0  # the sample set in four shard plans
 
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import ROOT
 from sr_tf import conversion as convert
 from sr_tf import records
 from sr_tf.training import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = {
     "srgan": {"filters": 8, "num_blocks": 2},
@@ -49,6 +49,7 @@ def tiny_config(data, run_dir, model="residual_cnn", **overrides):
         perceptual="none", learning_rate=1e-3, d_learning_rate=1e-3, strategy="default",
         checkpoint_every=4, eval_every=6, log_every=1, model_options=TINY[model],
         discriminator_options=TINY_D, progress=False, grid_images=1, pretrain_steps=0,
+        lr_schedule="constant", ema_decay=0.0, augment=False,  # the bare loop; a test that needs one says so
     )
     settings.update(overrides)
     return loop.TrainConfig(**settings)
@@ -166,6 +167,20 @@ def test_sigkill_after_checkpoint_resumes_from_that_step_and_sigterm_saves(tiny_
     assert _latest_step(run_dir) == stopped > killed_at
 
 
+def test_a_run_resumes_from_its_flags_file(tiny_records, tmp_path):
+    """flags.txt holds every flag defined when the run was written (TensorFlow's too), and
+    each must be known when it is read back."""
+    run_dir = tmp_path / "run"
+    args, env = _train_cli(tiny_records, run_dir, "--steps=2")
+    first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    resumed = subprocess.run([sys.executable, "train.py", f"--flagfile={run_dir / 'flags.txt'}", "--resume",
+                              "--steps=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from step 2" in resumed.stdout
+    assert _latest_step(run_dir) == 3
+
+
 MIRRORED_SCRIPT = textwrap.dedent(
     """
     import os, sys, json
@@ -191,11 +206,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
         data = strategy.experimental_distribute_dataset(
             tf.data.Dataset.from_tensor_slices((lr, hr)).batch(4))
         batch = next(iter(data))
-        @tf.function
-        def step(batch):
-            out = strategy.run(trainer.train_step, args=(batch,))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, out["loss"], axis=None)
-        loss = float(step(batch))
+        loss = float(loop.distributed_step(strategy, trainer)(batch)["loss"])
         results[name] = ([w.copy() for w in built["generator"].get_weights()], loss, strategy.num_replicas_in_sync)
     (wd, ld, nd), (wm, lm, nm) = results["default"], results["mirrored"]
     assert nd == 1 and nm == 2, (nd, nm)

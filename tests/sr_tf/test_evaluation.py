@@ -12,11 +12,11 @@ import pydicom
 import pytest
 import tensorflow as tf
 
+from tests import ROOT
 from sr_tf import conversion as convert
 from sr_tf import evaluation, inference, metrics, records
 from sr_tf.training import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def tiny_run(tmp_path_factory, testdata):
     config = loop.TrainConfig(model="residual_cnn", scale=2, data=str(data), run_dir=str(base / "run"), steps=10,
                               batch_size=4, patch_size=32, perceptual="none", learning_rate=1e-3,
                               strategy="default", eval_every=10, checkpoint_every=10, model_options={"filters": 16},
-                              progress=False, grid_images=1)
+                              progress=False, grid_images=1, lr_schedule="constant", ema_decay=0.0, augment=False)
     built = loop.train(config)
     return {"data": str(data), "run": str(base / "run"), "built": built, "config": config}
 

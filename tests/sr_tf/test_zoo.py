@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import ROOT
 from sr_tf import inference, models, zoo
 from sr_tf.models import blocks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "residual_cnn_x2"  # a zoo name, stood in for by a tiny model in a scratch zoo
 
 

@@ -1,6 +1,5 @@
-"""data_prep: real DICOM, NIfTI and raster files into sharded TFRecords."""
+"""sr_tf.conversion: real DICOM, NIfTI and raster files into sharded TFRecords."""
 
-import json
 import os
 import shutil
 import signal
@@ -16,12 +15,12 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
 
+from tests import ROOT
 from sr_tf import conversion as convert
 from sr_tf.io import readers
 from sr_tf.io.shards import ShardWriter
 from sr_tf import intensity, records
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 
 
@@ -388,30 +387,6 @@ def test_writer_aborts_on_error_without_publishing(tmp_path):
                 writer.add("train", bytes(200))
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
-
-
-def _cli(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_cli_exit_codes_and_console_summary(testdata, tmp_path):
-    bad = tmp_path / "bad.dcm"
-    bad.write_bytes(b"nonsense")
-    ok = _cli(f"--input={testdata('CT_small.dcm')},{bad}", f"--output={tmp_path / 'ok'}", "--noprogress")
-    assert ok.returncode == 0, ok.stderr
-    assert "wrote 1 records" in ok.stdout and "bad.dcm" in ok.stdout and "1 input(s) failed" in ok.stdout
-    manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
-    assert manifest["failed"][0]["input"].endswith("bad.dcm")
-    # A repeated --input adds to the list (it does not replace the earlier ones).
-    both = _cli(f"--input={testdata('CT_small.dcm')}", f"--input={testdata('MR_small.dcm')}",
-                f"--output={tmp_path / 'both'}", "--noprogress")
-    assert both.returncode == 0, both.stderr
-    assert sum(json.loads((tmp_path / "both" / "manifest.json").read_text())["counts"].values()) == 2
-    none = _cli(f"--input={bad}", f"--output={tmp_path / 'none'}", "--noprogress")
-    assert none.returncode != 0
-    assert "no image could be converted" in none.stderr and "bad.dcm" in none.stderr
 
 
 def test_sample_set_has_every_split_non_empty(tmp_path):

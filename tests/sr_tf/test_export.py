@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 
+from tests import ROOT
 from sr_tf import conversion as convert
 from sr_tf import export, inference, models
 from sr_tf.models import blocks
 from sr_tf.training import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 # filters=32: the 32x32 pointwise kernels reach the converter's 1024-element minimum, so
 # dynamic-range quantisation really quantises them.
@@ -260,10 +260,10 @@ def test_subpixel_kernel_moves_a_convolution_before_the_pixel_shuffle(size, chan
 
 @pytest.mark.parametrize("family,scale,channels", [("swift_srgan", 4, 1), ("swift_srgan", 2, 3), ("srgan", 2, 1),
                                                    ("swift_srgan", 1, 1), ("residual_cnn", 2, 1)])
-def test_tflite_graph_is_the_model_rearranged(family, scale, channels):
-    """The function the TFLite models come from equals the model (trained-looking weights,
-    odd non-square input); the SRResNet family's tail runs before the last shuffle, other
-    models and x1 keep their layout."""
+def test_deployable_form_is_the_model_rearranged(family, scale, channels):
+    """The function the TFLite models come from (``model.deployable()``) equals the model
+    (trained-looking weights, odd non-square input); the SRResNet family's tail runs before
+    the last shuffle, other models and x1 keep their layout."""
     import tensorflow as tf
 
     options = {"residual_cnn": {"filters": 8, "num_layers": 3}}.get(family, {"filters": 8, "num_blocks": 1})
@@ -273,8 +273,8 @@ def test_tflite_graph_is_the_model_rearranged(family, scale, channels):
         weight.assign(rng.normal(0.0, 0.2, weight.shape) + (1.0 if "variance" in weight.path else 0.0))
     lr = rng.random((2, 13, 7, channels)).astype(np.float32)
     reference = model(lr, training=False).numpy()
-    with export.tflite_graph(model) as (function, notes):
-        output = function(tf.constant(lr)).numpy()
+    function, notes = model.deployable()
+    output = function(tf.constant(lr)).numpy()
     np.testing.assert_allclose(output, reference, atol=1e-5)
     rearranged = family != "residual_cnn" and scale > 1
     assert any("pixel shuffle" in note for note in notes) == rearranged, notes
@@ -283,11 +283,11 @@ def test_tflite_graph_is_the_model_rearranged(family, scale, channels):
         former(tf.constant(lr))
         former.set_weights(model.get_weights())
         np.testing.assert_allclose(former(lr, training=False).numpy(), reference, atol=1e-5)
-        with export.tflite_graph(former) as (function, notes):
-            np.testing.assert_allclose(function(tf.constant(lr)).numpy(), reference, atol=1e-5)
+        function, notes = former.deployable()
+        np.testing.assert_allclose(function(tf.constant(lr)).numpy(), reference, atol=1e-5)
         assert any("rearranged here" in note for note in notes), notes
     assert any("bands" in note for note in notes) == (family == "swift_srgan"), notes
-    np.testing.assert_array_equal(model(lr, training=False).numpy(), reference)  # model restored
+    np.testing.assert_array_equal(model(lr, training=False).numpy(), reference)  # the model is unchanged
 
 
 def test_projection_is_baked_into_the_graphs_and_matches_the_python_one(exported, run_dir, testdata):

@@ -22,10 +22,10 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
+from tests import ROOT
 from sr_tf.io import readers
 from sr_tf import inference, upscaling
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 SCALE = 2
 
@@ -383,7 +383,7 @@ def test_4096_square_16bit_png_upscales_in_bounded_memory(tmp_path):
     script = textwrap.dedent(f"""
         import json, sys
         sys.path[:0] = [{ROOT!r}, {os.path.dirname(os.path.abspath(__file__))!r}]
-        from test_upscale import Nearest
+        from test_upscaling import Nearest
         from sr_tf import upscaling
 
         def status(key):

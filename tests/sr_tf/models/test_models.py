@@ -184,7 +184,7 @@ def test_vq_ema_codebook_stays_identical_across_replicas():
         print("identical")
         """
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests import ROOT as root
     env = {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert "identical" in result.stdout, result.stderr[-2000:]
@@ -324,6 +324,38 @@ def test_fast_options_compute_the_same_training_step(name):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * max(1.0, np.abs(b).max()), err_msg=variable.path)
     for a, b in zip(moving_fast, moving_former):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4])
+@pytest.mark.parametrize("name", models.NAMES)
+def test_deployable_form_computes_the_model(name, scale):
+    """``model.deployable()`` is the function of ``model(x, training=False)`` for every
+    family (trained-looking weights, odd non-square input), eagerly and traced with free
+    height and width as the export traces it, and leaves the model as it was."""
+    model = models.build(name, scale=scale, **TINY[name])
+    rng = np.random.default_rng(1)
+    for weight in model.weights:
+        weight.assign(rng.normal(0.0, 0.2, weight.shape) + (1.0 if "variance" in weight.path else 0.0))
+    lr = images((2, 13, 7, 1), seed=3)
+    reference = model(lr, training=False).numpy()
+    function, notes = model.deployable()
+    np.testing.assert_allclose(function(tf.constant(lr)).numpy(), reference, atol=1e-5)
+    traced = tf.function(function, input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
+    np.testing.assert_allclose(traced(tf.constant(lr)).numpy(), reference, atol=1e-5)
+    assert all(isinstance(note, str) for note in notes) and (name in ("srgan", "swift_srgan") or not notes)
+    np.testing.assert_array_equal(model(lr, training=False).numpy(), reference)
+
+
+@pytest.mark.parametrize("kernel_size,multiplier", [((9, 9), 1), ((7, 5), 2), ((3, 3), 1)])
+def test_deployed_conv_is_the_separable_convolution(kernel_size, multiplier):
+    """Depthwise kernels of more than ``XNNPACK_FAST_TAPS`` taps run in row bands with the
+    layer's bias and activation; smaller ones run as the layer."""
+    conv = keras.layers.SeparableConv2D(5, kernel_size, padding="same", depth_multiplier=multiplier,
+                                        activation="relu", bias_initializer="random_normal")
+    x = tf.constant(images((2, 11, 6, 3), seed=4))
+    reference = conv(x).numpy()
+    assert blocks.has_large_depthwise(conv) == (kernel_size[0] * kernel_size[1] > blocks.XNNPACK_FAST_TAPS)
+    np.testing.assert_allclose(blocks.deployed_conv(conv, x).numpy(), reference, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
