@@ -35,7 +35,7 @@ import os
 import uuid
 
 from sr_tf import conversion, records
-from sr_tf.io.files import join, read_json, write_json_atomic
+from sr_tf.io.files import is_url, join, read_json, write_json_atomic
 from sr_tf.io.shards import OpenShard, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,10 @@ def collect(writer, tally, plans, scratch):
             writer.adopt(entry)
 
 
+def _absolute(path):
+    return path if is_url(path) else os.path.abspath(path)
+
+
 def convert(inputs, output_dir, options, beam_options=None):
     """``conversion.convert`` on Apache Beam: plan here, convert in ``beam_options``'
     runner (a PipelineOptions, or text for :func:`pipeline_options`), publish here.
@@ -209,11 +213,12 @@ def convert(inputs, output_dir, options, beam_options=None):
     tally = conversion.Tally(prepared, options.strict)
     with ShardWriter(output_dir, options.shard_size_mb, prepared.manifest_options) as writer:
         if plans:
-            scratch = writer.scratch
+            # Absolute paths: a worker may run in another folder.
+            scratch = _absolute(writer.scratch)
             plans_path = join(scratch, "plans.jsonl")
             elements = write_plans(plans, plans_path)
             log.info("%d task(s) in %d shard plan(s), run %s", len(prepared.tasks), len(plans), writer.run_id)
-            run_pipeline(elements, plans_path, output_dir, writer.run_id, scratch, options, beam_options)
+            run_pipeline(elements, plans_path, _absolute(output_dir), writer.run_id, scratch, options, beam_options)
             collect(writer, tally, plans, scratch)
         tally.finish(writer)
     return writer.manifest

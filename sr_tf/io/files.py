@@ -8,7 +8,7 @@ half-written one; on any error the temporary file is removed and the target is u
 A path with a scheme (``gs://``, ``s3://``, ``ram://``: :func:`is_url`) is reached through
 ``tf.io.gfile`` instead, for the output of a conversion on a cluster; the few file
 operations that the shard writer needs (:func:`makedirs`, :func:`listdir`, :func:`size`,
-:func:`replace`, :func:`remove`, :func:`rmtree`, :func:`read_json`) take either.
+:func:`replace`, :func:`remove`, :func:`read_json`) take either.
 """
 
 import contextlib
@@ -67,26 +67,20 @@ def replace(source, target):
 
 
 def remove(path):
-    """Remove a file; one that is already gone is no error."""
+    """Remove a file, or a folder and all it holds; one that is already gone is no error."""
     if is_url(path):
-        gfile = _gfile()
-        if gfile.exists(os.fspath(path)):
-            gfile.remove(os.fspath(path))
+        gfile, path = _gfile(), os.fspath(path)
+        if gfile.isdir(path):
+            gfile.rmtree(path)
+        elif gfile.exists(path):
+            gfile.remove(path)
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
     else:
         try:
             os.remove(path)
         except FileNotFoundError:
             pass
-
-
-def rmtree(folder):
-    """Remove a folder and all it holds; one that is already gone is no error."""
-    if is_url(folder):
-        gfile = _gfile()
-        if gfile.exists(os.fspath(folder)):
-            gfile.rmtree(os.fspath(folder))
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def read_json(path):

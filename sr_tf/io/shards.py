@@ -24,8 +24,8 @@ import socket
 import uuid
 
 from sr_tf import records
-from sr_tf.io.files import (file_sha256, is_url, join, listdir, makedirs, read_json, remove, replace, rmtree,
-                            size, write_json_atomic)
+from sr_tf.io.files import (file_sha256, is_url, join, listdir, makedirs, read_json, remove, replace, size,
+                            write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class ShardWriter:
         # The previous run's shards, whatever interrupted runs left behind, this run's scratch.
         leftovers = {name for name in listdir(self.output_dir) if _OWN_FILE.match(name) or _SCRATCH.match(name)}
         for name in (previous | leftovers) - current:
-            (rmtree if _SCRATCH.match(name) else remove)(join(self.output_dir, name))
+            remove(join(self.output_dir, name))
         return manifest
 
     def abort(self):
@@ -253,7 +253,7 @@ class ShardWriter:
         for name in listdir(self.output_dir):
             match = _OWN_FILE.match(name) or _SCRATCH.match(name)
             if match and match.group("run") == self.run_id:
-                (rmtree if _SCRATCH.match(name) else remove)(join(self.output_dir, name))
+                remove(join(self.output_dir, name))
 
     def _listed_files(self):
         """Shard files the currently published manifest lists (empty if none)."""
