@@ -31,6 +31,7 @@ import tensorflow as tf
 import time
 
 from sr_tf import inference, intensity, metrics
+from sr_tf.io import files as io_files
 
 BASELINES = (("nearest", "nearest"), ("bilinear", "bilinear"), ("bicubic", "bicubic"), ("lanczos", "lanczos3"))
 METRICS = ("psnr", "ssim", "nrmse", "consistency_psnr")
@@ -204,7 +205,7 @@ def run(predictor, config, output_dir, progress=True):
         raise EvaluationError(f"{config.data}: no image of the {config.split!r} split could be evaluated")
     summary = summarize(rows)
     write_csv(rows, os.path.join(output_dir, "per_image.csv"))
-    with open(os.path.join(output_dir, "summary.md"), "w", encoding="utf-8") as f:
+    with io_files.atomic_open(os.path.join(output_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write(summary_markdown(summary, predictor.name, config, (projected or predictor).projection))
     for index, item in enumerate(figures):
         save_figure(*item, os.path.join(output_dir, f"figure_{index:02d}.png"))
@@ -221,7 +222,7 @@ def _adapted(predictor, lr, config):
 
 def write_csv(rows, path):
     columns = ["image", "modality", "method", *METRICS, *CT_METRICS, "seconds"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with io_files.atomic_open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, columns, restval="")
         writer.writeheader()
         for row in rows:
@@ -344,5 +345,6 @@ def save_figure(name, lr, bicubic, model, hr, path, inset=0.25):
     fig.suptitle(name, fontsize=9)
     # Inset axes do not take part in tight_layout; fixed margins instead.
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.05)
-    fig.savefig(path, dpi=100)
+    with io_files.atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=100)
     plt.close(fig)

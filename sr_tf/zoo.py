@@ -291,8 +291,10 @@ def build(name, say=print):
     say(f"[{name}] training: {' '.join(command[1:])}")
     started = time.time()
     subprocess.run(command, check=True, cwd=ROOT)
-    with open(os.path.join(run_dir, BUILD_FILE), "w", encoding="utf-8") as f:
-        json.dump({"command": command, "wall_seconds": round(time.time() - started, 1)}, f)
+    from sr_tf.io import files
+
+    files.write_json_atomic(os.path.join(run_dir, BUILD_FILE),
+                            {"command": command, "wall_seconds": round(time.time() - started, 1)})
     return package(name, say)
 
 

@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 
-_TEMPORARY = r"\.[0-9a-f]{8}\.tmp"
+_TEMPORARY = r"\.[0-9a-f]{8}\.tmp(\.[A-Za-z0-9]+)?"  # the name's own extension may follow
 
 
 def is_url(path):
@@ -121,10 +121,11 @@ def remove_stale_temporaries(path, older_than=60.0):
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode="wb", encoding=None):
+def atomic_open(path, mode="wb", encoding=None, newline=None):
     """Open a temporary file beside ``path`` for writing; on a clean exit it is flushed,
     synced and renamed to ``path``; on an exception it is removed and ``path`` is left as
-    it was. The folder is created when missing."""
+    it was. The folder is created when missing. ``encoding`` and ``newline``: as ``open``
+    takes them, for mode ``"w"``."""
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes a new file: mode 'wb' or 'w', got {mode!r}")
     target = os.fspath(path)
@@ -132,10 +133,28 @@ def atomic_open(path, mode="wb", encoding=None):
     remove_stale_temporaries(target)
     temporary = temporary_name(target)
     try:
-        with open(temporary, mode.replace("w", "x"), encoding=encoding if mode == "w" else None) as f:
+        text = {"encoding": encoding, "newline": newline} if mode == "w" else {}
+        with open(temporary, mode.replace("w", "x"), **text) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside ``path`` that ends in ``path``'s own extension, for a writer
+    that takes a name and goes by its extension (a Keras ``.keras`` file, a matplotlib
+    figure): renamed to ``path`` on a clean exit, removed on an exception."""
+    target = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    remove_stale_temporaries(target)
+    temporary = temporary_name(target) + os.path.splitext(target)[1]
+    try:
+        yield temporary
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):

@@ -446,12 +446,11 @@ class _Stop:
 
 def _write_config(config, run_dir, flags_text=None):
     os.makedirs(run_dir, exist_ok=True)
-    from sr_tf.io.files import write_json_atomic
+    from sr_tf.io import files
 
-    write_json_atomic(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
+    files.write_json_atomic(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
     if flags_text:
-        with open(os.path.join(run_dir, "flags.txt"), "w", encoding="utf-8") as f:
-            f.write(flags_text)
+        files.write_bytes_atomic(os.path.join(run_dir, "flags.txt"), flags_text.encode("utf-8"))
 
 
 # What a checkpoint's state depends on: a resumed run must agree on these.
@@ -671,11 +670,11 @@ def train(config, flags_text=None, strategy=None):
     kept = "average" if averaged and result and averaged["psnr"] > result["psnr"] else "trained"
     if finished and is_chief:
         weights = average.applied(generator.trainable_variables) if kept == "average" else contextlib.nullcontext()
-        with weights:
-            generator.save(os.path.join(run_dir, "generator.keras"))
-        from sr_tf.io.files import write_json_atomic
+        from sr_tf.io import files
 
-        write_json_atomic(os.path.join(run_dir, "result.json"), {
+        with weights, files.atomic_path(os.path.join(run_dir, "generator.keras")) as temporary:
+            generator.save(temporary)  # a reader never sees a half-written model
+        files.write_json_atomic(os.path.join(run_dir, "result.json"), {
             "step": int(step.numpy()), "timed_out": timed_out,
             "train_seconds": round(time.perf_counter() - started, 1),
             "weights": kept, "val": averaged if kept == "average" else result,
