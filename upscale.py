@@ -49,7 +49,8 @@ flags.DEFINE_float("adapt_seconds", adaptation.DEFAULT_SECONDS, "At most this ma
 flags.DEFINE_integer("seed", 0, "Seed of the adaptation's crops and degradations.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_integer("max_pixels", 100_000_000, "Refuse any input image (slice, frame) whose header claims more "
-                     "pixels than this, before decoding it (0: no limit).")
+                     "pixels than this, or a file (all frames, all NIfTI voxels) more than ten times this, "
+                     "before decoding it (0: no limit).")
 
 
 def collect_inputs(inputs, output_dir):

@@ -109,12 +109,7 @@ def _image(path, kind, physical, window, modality, pixel_spacing, source, keep_o
 
 
 def _load_dicom(path):
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as exc:  # pydicom raises many types for corrupt files
-        raise readers.InputError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    ds = readers.dicom_dataset(path)
     if "PixelData" in ds:
         _check_writable(ds)
     frames = readers.dicom_to_physical(ds, path)
@@ -138,6 +133,10 @@ def _load_nifti(path):
         image = nib.load(path)
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise readers.InputError(f"{type(image).__name__} is not a NIfTI volume")
+        if len(image.shape) >= 2:
+            a, b, _ = _nifti_axes(image.header, len(image.shape))
+            readers.check_pixel_count(image.shape[b], image.shape[a], what="a slice")
+        readers.check_nifti_size(image, path)
         data = image.get_fdata(dtype=np.float32, caching="unchanged")
     except readers.InputError:
         raise
