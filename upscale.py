@@ -52,7 +52,8 @@ flags.DEFINE_string("modality", None, "Modality of NIfTI and raster inputs (e.g.
                     "--modality; default: NIfTI CT detected from the value range, else MR; raster DX.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_integer("max_pixels", 100_000_000, "Refuse any input image (slice, frame) whose header claims more "
-                     "pixels than this, before decoding it (0: no limit).")
+                     "pixels than this, or a file (all frames, all NIfTI voxels) more than ten times this, "
+                     "before decoding it (0: no limit).")
 
 
 def collect_inputs(inputs, output_dir):

@@ -45,7 +45,8 @@ flags.DEFINE_string("beam_pipeline_options", None, "With --runner=beam: Beam pip
 flags.DEFINE_bool("strict", False, "Stop at the first failed input and publish nothing.")
 flags.DEFINE_bool("keep_empty", False, "Keep constant (empty) slices instead of skipping them.")
 flags.DEFINE_integer("max_pixels", 100_000_000, "Refuse any image (slice, frame) whose header claims more pixels "
-                     "than this, before decoding it (0: no limit).")
+                     "than this, or a file (all frames, all NIfTI voxels) more than ten times this, "
+                     "before decoding it (0: no limit).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 

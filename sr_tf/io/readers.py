@@ -7,6 +7,8 @@ raise :class:`InputError` with a reason a user can act on; the caller names the 
 """
 
 import dataclasses
+import io
+import math
 import os
 import re
 import stat
@@ -23,6 +25,14 @@ SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 # Transfer syntaxes whose decoders are GPL and therefore not installed by default.
 _GPL_ONLY_SYNTAXES = {
     "1.2.840.10008.1.2.4.51": "JPEG Extended (12-bit)",
+}
+# GDCM, pydicom's first choice for these, ends the whole process (an uncaught C++
+# exception) on some corrupt JPEG and JPEG 2000 streams; these plugins raise instead
+# and decode the sample files identically, so they are used when installed.
+_RAISING_PLUGINS = {
+    "1.2.840.10008.1.2.4.50": "pillow",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.90": "pylibjpeg",  # JPEG 2000 Lossless (pylibjpeg-openjpeg)
+    "1.2.840.10008.1.2.4.91": "pylibjpeg",  # JPEG 2000
 }
 
 
@@ -97,22 +107,111 @@ def _check_shape(array, source):
 # ----------------------------------------------------------------------------- DICOM
 
 
-def read_dicom_header(path):
-    """Header only (no pixel data), for grouping files into series."""
+class _BoundedFile(io.BufferedReader):
+    """A file whose ``read(n)`` asks for no more than the bytes left in it: Python
+    allocates the n bytes a read asks for before reading, and in a corrupt DICOM file an
+    element's length can claim 4 GB."""
+
+    def __init__(self, path):
+        super().__init__(io.FileIO(path, "rb"))
+        self.size = os.fstat(self.fileno()).st_size
+
+    def read(self, size=-1):
+        if size is not None and size > 0:
+            size = min(size, max(self.size - self.tell(), 0))
+        return super().read(size)
+
+
+def dicom_dataset(path, stop_before_pixels=False):
+    """The pydicom Dataset of a DICOM file; InputError when it cannot be read.
+
+    The file is read through ``_BoundedFile``, and every public element is parsed here
+    (pydicom parses a value when it is first used), so that a corrupt one is reported
+    now, naming its tag; then the values the readers take from it are checked
+    (``check_header_values``)."""
     import pydicom
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        with _BoundedFile(path) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
+        _parse_public_elements(ds)
     except Exception as exc:  # pydicom raises many types for corrupt files
         raise InputError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    check_header_values(ds)
+    return ds
+
+
+def _parse_public_elements(ds):
+    for tag in list(ds.keys()):
+        if not tag.is_private and ds[tag].VR == "SQ":
+            for item in ds[tag].value:
+                _parse_public_elements(item)
+
+
+# What the readers and the series discovery take from a header: (kind, count) for
+# integers and numbers, text, or a sequence. In a corrupt file (a changed VR or length)
+# any element can hold several numbers, text, bytes or a sequence.
+_HEADER_VALUES = {
+    **dict.fromkeys(("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+                     "NumberOfFrames", "InstanceNumber"), (int, 1)),
+    "RescaleSlope": (float, 1), "RescaleIntercept": (float, 1), "PixelSpacing": (float, 2),
+    "ImagerPixelSpacing": (float, 2), "ImagePositionPatient": (float, 3), "ImageOrientationPatient": (float, 6),
+    **dict.fromkeys(("Modality", "PhotometricInterpretation", "PatientID", "SeriesInstanceUID", "SOPClassUID",
+                     "SegmentationType"), (str, None)),
+    **dict.fromkeys(("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "ModalityLUTSequence"),
+                    ("sequence", None)),
+}
+
+
+def _shown(value):
+    """A short description of a header value that never prints a sequence (printing one
+    parses its items, corrupt ones included)."""
+    from pydicom.multival import MultiValue
+
+    text = "\\".join(map(str, value)) if isinstance(value, MultiValue) else value
+    return repr(text)[:60] if isinstance(text, (str, bytes, int, float)) else f"a {type(value).__name__}"
+
+
+def check_header_values(ds):
+    """InputError unless each element of ``_HEADER_VALUES`` that the dataset has (and
+    that is not empty) holds what the readers take from it."""
+    from pydicom.multival import MultiValue
+    from pydicom.sequence import Sequence
+
+    for keyword, (kind, count) in _HEADER_VALUES.items():
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        values = list(value) if isinstance(value, MultiValue) else [value]
+        if kind == "sequence":
+            valid, expected = isinstance(value, Sequence), "a sequence"
+        elif kind is str:
+            valid, expected = all(isinstance(v, str) for v in values), "text"
+        else:
+            try:
+                valid = len(values) == count and all(math.isfinite(kind(v)) for v in values)
+            except (TypeError, ValueError, OverflowError):
+                valid = False
+            expected = f"{count} numbers" if count > 1 else "an integer" if kind is int else "a number"
+        if not valid:
+            raise InputError(f"corrupt header: {keyword} is {_shown(value)}, not {expected}")
+
+
+def read_dicom_header(path):
+    """Header only (no pixel data), for grouping files into series."""
+    return dicom_dataset(path, stop_before_pixels=True)
 
 
 def functional_group_item(ds, frame, sequence):
     """The item of ``sequence`` for ``frame`` in an enhanced multi-frame object, if any."""
+    from pydicom.sequence import Sequence
+
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         seq = ds.get(groups)
         if seq is not None and len(seq) > index and sequence in seq[index]:
             items = seq[index][sequence].value
+            if not isinstance(items, Sequence):
+                raise InputError(f"corrupt header: {sequence} is {_shown(items)}, not a sequence")
             if items:
                 return items[0]
     return None
@@ -126,7 +225,10 @@ def dicom_pixel_spacing(ds, frame=0):
         for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
             value = source.get(keyword)
             if value is not None and len(value) == 2:
-                return float(value[0]), float(value[1])
+                try:
+                    return float(value[0]), float(value[1])
+                except (TypeError, ValueError) as exc:
+                    raise InputError(f"corrupt header: {keyword} is {_shown(value)}, not 2 numbers") from exc
     return 0.0, 0.0
 
 
@@ -159,19 +261,25 @@ def stored_value_range(ds):
 def decode_dicom_frames(ds, path):
     """Decoded frames of a dataset as a list of 2-D arrays (RGB converted to luminance)."""
     import cv2
+    from pydicom.pixels import get_decoder
 
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         if "SOPClassUID" not in ds and "Modality" not in ds:
             raise InputError("not a valid DICOM image: no SOP Class UID, Modality or pixel data (corrupt file?)")
         kind = ds.get("Modality")
         raise InputError(f"no pixel data (Modality {kind}; e.g. an RT plan or structured report is not an image)")
-    if "Rows" in ds and "Columns" in ds and (int(ds.Rows) == 0 or int(ds.Columns) == 0):
+    if "Rows" in ds and "Columns" in ds and (not ds.Rows or not ds.Columns):
         raise InputError(f"zero-size image (Rows {ds.Rows}, Columns {ds.Columns})")
     file_meta = getattr(ds, "file_meta", None)
     syntax = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
     try:
+        plugin = _RAISING_PLUGINS.get(syntax)
+        if plugin is not None and plugin in get_decoder(syntax).available_plugins:
+            ds.pixel_array_options(decoding_plugin=plugin)
         pixels = ds.pixel_array
-    except Exception as exc:
+    except BaseException as exc:  # pylibjpeg-rle's panic on a corrupt stream is pyo3's PanicException, no Exception
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
         reason = f"pixel data could not be decoded ({type(exc).__name__}: {exc})"
         if syntax in _GPL_ONLY_SYNTAXES:
             reason = (
@@ -206,7 +314,16 @@ def dicom_default_range(ds, modality, slices):
         return intensity.CT_RANGE
     if not window_from_pixels(ds, modality):
         return intensity.xray_range(int(ds.get("BitsStored", 8)))
-    return intensity.percentile_range(np.concatenate([s.ravel() for s in slices]))
+    return percentile_window(np.concatenate([s.ravel() for s in slices]))
+
+
+def percentile_window(values):
+    """``intensity.percentile_range`` of an image, InputError when it has none (no
+    positive or no finite value)."""
+    try:
+        return intensity.percentile_range(values)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
 
 
 # The most pixels one image (a slice, a frame) may have; checked from the header, before
@@ -226,6 +343,21 @@ def check_pixel_count(height, width, max_pixels=None, what="image"):
     if limit and height * width > limit:
         raise InputError(f"{what} of {width} x {height} pixels ({height * width / 1e6:.0f} MP) is over the limit "
                          f"of {limit / 1e6:g} MP (--max_pixels); refused before decoding")
+
+
+# A file (all frames of a DICOM, all volumes of a NIfTI) may hold this many times the
+# per-image limit: 1000 M pixels or voxels at the default, 4 GB as float32. Decoders
+# allocate the whole array a header claims before they read a byte of it.
+FILE_PIXELS_FACTOR = 10
+
+
+def check_file_pixel_count(count, what, max_pixels=None):
+    """InputError when a file's ``count`` pixels (or voxels), described by ``what``, are
+    over ``FILE_PIXELS_FACTOR`` x ``max_pixels`` (default: ``max_pixels_limit``; 0: no limit)."""
+    limit = FILE_PIXELS_FACTOR * (max_pixels_limit if max_pixels is None else max_pixels)
+    if limit and count > limit:
+        raise InputError(f"{what} ({count / 1e6:.0f} M in all) is over the limit of {limit / 1e6:g} M for one file "
+                         f"({FILE_PIXELS_FACTOR} x --max_pixels); refused before decoding")
 
 
 # Objects whose pixels are labels or indices, not intensities.
@@ -252,7 +384,10 @@ def dicom_to_physical(ds, path, max_pixels=None):
     and for frames over ``max_pixels`` (``check_pixel_count``), before decoding."""
     if "PixelData" in ds:
         check_intensity_image(ds)
-    check_pixel_count(ds.get("Rows", 0) or 0, ds.get("Columns", 0) or 0, max_pixels, "a frame")
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    check_pixel_count(rows, columns, max_pixels, "a frame")
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    check_file_pixel_count(count * rows * columns, f"{count} frames of {columns} x {rows} pixels", max_pixels)
     frames = decode_dicom_frames(ds, path)
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return [f.astype(np.float64) for f in frames]
@@ -273,12 +408,7 @@ def read_dicom(path, max_pixels=None, window=None):
     """One DICOM file; a multi-frame file gives one slice per frame. ``window``: the
     intensity window when the file is one of a series (:func:`series_window`), else the
     file's own default (:func:`dicom_default_range`)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as exc:
-        raise InputError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    ds = dicom_dataset(path)
     slices = dicom_to_physical(ds, path, max_pixels)
     modality = str(ds.get("Modality", "OT") or "OT").upper()
     return Volume(
@@ -297,11 +427,11 @@ def series_sort_key(header, path):
     """Order slices of a series along the slice normal (ImagePositionPatient), never by number."""
     position = header.get("ImagePositionPatient")
     orientation = header.get("ImageOrientationPatient")
-    if position is not None and orientation is not None and len(orientation) == 6:
+    if position and orientation and len(orientation) == 6:  # present and not empty
         row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
         return (0, float(np.dot(np.cross(row, col), np.asarray(position, float))), path)
     number = header.get("InstanceNumber")
-    return (1, float(number) if number is not None else 0.0, path)
+    return (1, float(number or 0), path)
 
 
 def read_dicom_series(paths, max_pixels=None):
@@ -309,13 +439,11 @@ def read_dicom_series(paths, max_pixels=None):
 
     A file that fails to decode is reported and the rest of the series kept.
     """
-    import pydicom
-
     slices, indices, sources, failures = [], [], [], []
     first = None
     for index, path in enumerate(paths):
         try:
-            ds = pydicom.dcmread(path)
+            ds = dicom_dataset(path)
             frames = dicom_to_physical(ds, path, max_pixels)
         except InputError as exc:
             failures.append((path, str(exc)))
@@ -420,17 +548,31 @@ def nifti_modality_and_window(volume, modality=None):
     training or for upscaling, so a 4-D file's volumes each keep their own mapping."""
     if modality is None:
         modality = "CT" if looks_like_ct(volume) else "MR"
-    return modality, (intensity.CT_RANGE if modality == "CT" else intensity.percentile_range(volume))
+    return modality, (intensity.CT_RANGE if modality == "CT" else percentile_window(volume))
 
 
-def _load_nifti(path, canonical):
+def _load_nifti(path, layout, slice_axis, max_pixels):
+    """The nibabel image of ``path``, reoriented to closest canonical for ``layout``
+    "canonical"; its slice size and its whole size are checked from the header first
+    (``check_pixel_count``, ``check_nifti_size``), before anything reads the voxels:
+    reorienting reads them."""
     import nibabel as nib
 
     try:
         image = nib.load(path)
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"{type(image).__name__} is not a NIfTI volume")
-        if canonical:
+        shape = tuple(image.shape[:3]) + (1,) * (3 - len(image.shape[:3]))
+        if layout == "canonical":  # canonical axis i is the file's axis ornt[i, 0]
+            ornt = nib.io_orientation(image.affine)
+            shape = tuple(shape[int(ornt[i, 0])] for i in range(3))
+            in_plane = [shape[a] for a in range(3) if a != SLICE_AXES[slice_axis]]
+        else:
+            a, b, _ = nifti_axes(image.header, max(2, min(3, len(image.shape))))
+            in_plane = [shape[a], shape[b]]
+        check_pixel_count(in_plane[1], in_plane[0], max_pixels, "a slice")
+        check_nifti_size(image, path, max_pixels)
+        if layout == "canonical":
             image = nib.as_closest_canonical(image)
     except InputError:
         raise
@@ -451,14 +593,7 @@ def read_nifti(path, slice_axis="axial", volume_index=0, modality=None, patient_
     """
     if layout not in ("canonical", "native"):
         raise ValueError(f"layout must be 'canonical' or 'native', got {layout!r}")
-    image = _load_nifti(path, layout == "canonical")
-    shape = tuple(image.shape[:3]) + (1,) * (3 - len(image.shape[:3]))
-    if layout == "canonical":
-        in_plane = [shape[a] for a in range(3) if a != SLICE_AXES[slice_axis]]
-    else:
-        a, b, _ = nifti_axes(image.header, max(2, min(3, len(image.shape))))
-        in_plane = [shape[a], shape[b]]
-    check_pixel_count(in_plane[1], in_plane[0], max_pixels, "a slice")
+    image = _load_nifti(path, layout, slice_axis, max_pixels)
     try:
         data = image.get_fdata(dtype=np.float32, caching="unchanged")
     except Exception as exc:
@@ -521,6 +656,26 @@ def _native_volumes(path, image, data, modality, patient_id, volume_index):
     return out
 
 
+# Deflate expands at most 1032:1, so a gzipped file of n bytes holds at most 1032 n.
+GZIP_MAX_RATIO = 1032
+
+
+def check_nifti_size(image, path, max_pixels=None):
+    """InputError, from the header alone, when a NIfTI image claims more voxels than one
+    file may hold (``check_file_pixel_count``) or more bytes than its file can hold:
+    nibabel allocates what the header claims before reading, so a small file claiming a
+    huge volume would cost that memory, however little data follows."""
+    shape = tuple(int(n) for n in image.shape)
+    count = math.prod(shape)
+    check_file_pixel_count(count, f"a volume of {' x '.join(map(str, shape))} voxels", max_pixels)
+    claimed = int(image.dataobj.offset) + count * image.get_data_dtype().itemsize
+    size = os.path.getsize(path)
+    gzipped = path.lower().endswith(".gz")
+    if claimed > size * (GZIP_MAX_RATIO if gzipped else 1):
+        raise InputError(f"the header claims {claimed} bytes of voxel data, more than the file of {size} bytes "
+                         f"{'can expand to' if gzipped else 'holds'} (truncated or corrupt)")
+
+
 def looks_like_ct(volume):
     """CT in HU has air near -1000 in quantity; MR has at most a few negative voxels.
 
@@ -543,7 +698,6 @@ def nifti_stem(path):
 
 def raster_size(data):
     """(height, width) from a PNG/JPEG/TIFF header (Pillow reads no pixels), or None."""
-    import io
     import warnings
 
     from PIL import Image
@@ -593,7 +747,7 @@ def read_raster(path, modality="DX", patient_id=None, max_pixels=None):
     elif image.dtype == np.uint16:
         default = intensity.xray_range(16)
     else:
-        default = intensity.percentile_range(image)
+        default = percentile_window(image)
     # Exactly [0, 255] / [0, 65535] for 8- / 16-bit input; anything else (float or
     # 32-bit TIFF) is written back as a 16-bit PNG of its window.
     bits = 8 if image.dtype == np.uint8 else 16
