@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pydicom
 import pytest
 import tensorflow as tf
 
@@ -16,17 +15,6 @@ from tests import ROOT
 from sr_tf import conversion as convert
 from sr_tf import evaluation, inference, metrics, records
 from sr_tf.training import loop
-
-
-
-@pytest.fixture(scope="module")
-def ct_pair(testdata):
-    ds = pydicom.dcmread(testdata("693_UNCI.dcm"))
-    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
-    hr = np.clip((hu + 1024.0) / 4095.0, 0, 1).astype(np.float32)[..., None]
-    lr = tf.image.resize(hr[None], (128, 128), method="bicubic", antialias=True)
-    test = metrics.upsample(lr, (512, 512), "bicubic")[0].numpy()
-    return hr, test
 
 
 @pytest.fixture(scope="module")

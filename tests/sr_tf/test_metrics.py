@@ -1,23 +1,10 @@
 """sr_tf.metrics: PSNR, SSIM and NRMSE as skimage computes them, on a real CT."""
 
-import numpy as np
-import pydicom
 import pytest
 import tensorflow as tf
 from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
 
 from sr_tf import metrics
-
-
-@pytest.fixture(scope="module")
-def ct_pair(testdata):
-    """A real 512x512 head CT in [0, 1] and its bicubic x4 reconstruction."""
-    ds = pydicom.dcmread(testdata("693_UNCI.dcm"))
-    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
-    hr = np.clip((hu + 1024.0) / 4095.0, 0, 1).astype(np.float32)[..., None]
-    lr = tf.image.resize(hr[None], (128, 128), method="bicubic", antialias=True)
-    test = metrics.upsample(lr, (512, 512), "bicubic")[0].numpy()
-    return hr, test
 
 
 def test_psnr_and_ssim_agree_with_skimage(ct_pair):
