@@ -33,6 +33,7 @@ def main(argv):
     from sr_tf.io import samples
 
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     paths = samples.sample_paths()
     configurations = [(runner, workers) for workers in (2, 1) for runner in ("local", "beam")]
     with tempfile.TemporaryDirectory() as folder:
@@ -68,8 +69,8 @@ def main(argv):
 `python -m bench.beam` on {machine()} ({cpu_model()}); {FLAGS.copies} copies of the sample set
 ({len(files)} files, {slices} slices), `--shard_size_mb={FLAGS.shard_size_mb:g}` ({plans} shard plans),
 Beam's FnApiRunner; median of {FLAGS.repeats} alternating runs in one process, whole run
-{(time.perf_counter() - started) / 60:.1f} min. **The CPU was shared with other work during the
-run**, so the figures are indicative only; re-measure them on a quiet machine.
+{(time.perf_counter() - started) / 60:.1f} min; load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f}
+after (above the 2 cores: shared with other work, the figures indicative only).
 
 | `--workers` | `--runner=local` slices/s | `--runner=beam` slices/s | ratio beam/local |
 |---|---:|---:|---:|

@@ -147,8 +147,8 @@ def findings(rows, size, gflops_per_mp):
         ("TFLite float32", BANDED_ONLY, "Running the last PReLU and the 9x9 tail before the final pixel shuffle, the tail "
          "as a 1x5 and a 5x1 convolution (`SRResNet.deployable`)"),
         (BANDED_ONLY, UNCHANGED, "Splitting the 9x9 depthwise convolutions into "
-         "bands of kernel rows (XNNPACK runs depthwise kernels of up to 25 taps on its fast path, larger ones many "
-         "times slower, slower even than TFLite's own kernels)"),
+         "bands of kernel rows (XNNPACK's fast path takes depthwise kernels of up to 25 taps; how much slower "
+         "larger ones run depends on the CPU: many times on some, hardly on others)"),
         ("TFLite float32", "TFLite float32, no XNNPACK", "XNNPACK over TFLite's own kernels"),
         ("TFLite int8", "TFLite int8, no XNNPACK", "XNNPACK over TFLite's own kernels, int8"),
         ("TFLite int8", "TFLite int8, 1 thread", f"{os.cpu_count()} interpreter threads over 1"),

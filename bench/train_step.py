@@ -112,7 +112,7 @@ def measure(name, args):
                                   patch_size=args.patch_size, strategy="default", progress=False,
                                   perceptual_weights="random", model_options=model_options,
                                   discriminator_options={"fused_batch_norm": options["fused_batch_norm"]},
-                                  pretrain_steps=1)
+                                  pretrain_steps=1, ema_decay=0.0, augment=False)  # the network's step alone
         built_all[label] = built = loop.build(config, strategy)
         if options[JOINED]:
             built["gan"].perceptual_loss = JoinedPerceptualLoss(built["gan"].perceptual_loss)

@@ -384,8 +384,8 @@ def row_factored_conv(inputs, kernel):
 
 
 # Largest depthwise kernel (taps) on XNNPACK's fast path: it runs depthwise kernels of up
-# to 25 taps on a fast path and larger ones on a path about 30 times slower per tap,
-# slower even than TFLite's own kernel.
+# to 25 taps on a fast path and, on some CPUs, larger ones on a path about 30 times
+# slower per tap, slower even than TFLite's own kernel (docs/BENCHMARKS.md measures it).
 XNNPACK_FAST_TAPS = 25
 
 
