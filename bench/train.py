@@ -274,15 +274,14 @@ def markdown(results, args, wall):
     )
     return f"""## Training: patches per second per model, one and two replicas
 
-`python -m bench.train` on {machine()}, TensorFlow {results[0]["tensorflow"]}; whole run {wall / 60:.1f} min.
-**The machine was shared with other processes during the run** (other test and training
-jobs; load average well above the 2 cores), so absolute figures are low and indicative only.
-Comparisons within a row hold up better: every configuration of a model was measured in the
+`python -m bench.train` on {machine()}, TensorFlow {results[0]["tensorflow"]}; whole run {wall / 60:.1f} min;
+load average (1 min) {os.getloadavg()[0]:.1f} at the end (above the 2 cores: the machine was shared with
+other work, and absolute figures are indicative only). Comparisons within a row hold up better: every configuration of a model was measured in the
 same process in alternating windows (median of {args.windows} windows of at least
 {args.window_seconds:g} s and {args.min_steps} step(s), after {args.warmup_steps} untimed steps that include tracing).
 
 Setting: train split of the embedded sample set, HR patch {args.patch_size}, scale {args.scale},
-**global batch {args.batch_size}** (a 16-patch SRGAN step takes tens of seconds on this shared CPU,
+**global batch {args.batch_size}** (a 16-patch SRGAN step took tens of seconds on a shared 2-core CPU,
 so the default is smaller; `--batch_size=16` for the issue's setting), `{args.degradation}`
 degradation in the pipeline (the default without a GPU), published default model sizes and
 `train.py`'s default losses{gan_text}. Trainers from `sr_tf.training.loop.build`; the step is
