@@ -6,18 +6,7 @@ import pytest
 
 from sr_tf import ensemble, inference
 from sr_tf.data import degrade
-
-
-class Nearest(inference.Predictor):
-    """Nearest-neighbour upsampling: equivariant under every rotation and mirror."""
-
-    def __init__(self, scale=2):
-        super().__init__(path="nearest", name="nearest")
-        self._model_scale = scale
-
-    def predict(self, batch):
-        batch = np.asarray(batch, np.float32)
-        return np.repeat(np.repeat(batch, self.scale, axis=1), self.scale, axis=2)
+from tests.sr_tf.predictors import Nearest
 
 
 class Leaning(Nearest):

@@ -5,19 +5,7 @@ import numpy as np
 import pytest
 
 from sr_tf import consistency, inference
-
-
-class Repeat(inference.Predictor):
-    """Every LR pixel repeated ``scale`` x ``scale`` times: tiled inference of it must put
-    every pixel exactly in its place."""
-
-    def __init__(self, scale=2):
-        super().__init__(path="repeat", name="repeat")
-        self._model_scale = scale
-
-    def predict(self, batch):
-        batch = np.asarray(batch, np.float32)
-        return np.repeat(np.repeat(batch, self.scale, axis=1), self.scale, axis=2)
+from tests.sr_tf.predictors import Nearest
 
 
 def repeat(array, scale=2):
@@ -46,7 +34,7 @@ def test_tiled_predict_runs_fewer_pixels_with_balanced_tiles():
     256; the stitched output is still every LR pixel in its place."""
     seen = []
 
-    class Recording(Repeat):
+    class Recording(Nearest):
         def predict(self, batch):
             seen.append(np.asarray(batch).shape)
             return super().predict(batch)
@@ -60,12 +48,12 @@ def test_tiled_predict_runs_fewer_pixels_with_balanced_tiles():
 
 
 def test_the_chain_of_wrappers_and_its_description():
-    model = Repeat()
+    model = Nearest()
     projected = inference.ProjectedPredictor(model, consistency.Projection(scale=2, iterations=3, step=1.0))
     assert inference.chain(projected) == [projected, model] and inference.innermost(projected) is model
-    assert inference.describe(model) == "the model repeat"
-    assert inference.describe(projected).startswith("the model repeat, then ")
-    other = Repeat()
+    assert inference.describe(model) == "the model nearest"
+    assert inference.describe(projected).startswith("the model nearest, then ")
+    other = Nearest()
     swapped = inference.replace_innermost(projected, other)
     assert inference.innermost(swapped) is other and inference.innermost(projected) is model  # a copy
     assert swapped.projection is projected.projection
