@@ -252,11 +252,25 @@ def describe(image, name):
     )
 
 
-def run_upscale(predictor, image, slices, tile, overlap, adapt=None):
+def adapted_predictor(predictor, image, image_key, adapt):
+    """``predictor`` adapted to ``image`` (all its slices) with the sidebar's ``adapt``
+    settings, made once per image, model and settings: the shown slice and the whole
+    volume's download come from the same adapted copy (under the seconds limit a second
+    adaptation could stop at another step)."""
+    cache = st.session_state.setdefault("adapted", {})
+    key = (image_key, predictor.path, inference.describe(predictor), repr(adapt))
+    if key not in cache:
+        with st.spinner(f"Adapting {predictor.name} to this image ({adapt['steps']} steps)..."):
+            cache[key] = upscaling.adapted(predictor, image, adapt)
+        while len(cache) > KEEP_RESULTS:
+            cache.pop(next(iter(cache)))
+    return cache[key]
+
+
+def run_upscale(predictor, image, slices, tile, overlap, adapt=None, image_key=None):
     report = None
     if adapt is not None:
-        with st.spinner(f"Adapting {predictor.name} to this image ({adapt['steps']} steps)..."):
-            predictor = upscaling.adapted(predictor, image, adapt)
+        predictor = adapted_predictor(predictor, image, image_key, adapt)
         report = inference.innermost(predictor).adaptation
     spread = _has_spread(predictor)
     bar = st.progress(0.0, text="Upscaling...")
@@ -289,11 +303,12 @@ def result_for(predictor, image, key, name, slices, tile, overlap, adapt=None):
     None after showing why it failed."""
     results = st.session_state.setdefault("results", {})
     projection = predictor.projection and predictor.projection.card()["description"]
+    image_key = key
     key = (*key, predictor.path, projection, inference.describe(predictor), repr(adapt), tile, overlap,
            "all" if slices is None else tuple(slices))
     if key not in results:
         try:
-            results[key] = run_upscale(predictor, image, slices, tile, overlap, adapt)
+            results[key] = run_upscale(predictor, image, slices, tile, overlap, adapt, image_key)
         except Exception as exc:  # noqa: BLE001 - shown, and the next input still works
             st.error(f"Cannot upscale {name} with {predictor.name}: {type(exc).__name__}: {exc}")
             return None

@@ -338,3 +338,41 @@ def test_the_page_upscales_downloads_and_survives_a_bad_upload(app_server, brows
                                                      if c.startswith("Uncertainty over the output")],
                     "the uncertainty map", timeout=90)
     assert "% of the pixels above" in caption[0], caption
+
+
+# ----------------------------------------------------------------------------- the page in-process
+
+
+def test_the_shown_slice_and_the_volume_download_share_one_adaptation(monkeypatch):
+    """Adapting is done once per image, model and settings: the whole volume's download
+    is upscaled by the same adapted copy as the slice on screen (a second adaptation
+    could stop at another step under its seconds limit, and costs its time again)."""
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from sr_tf import adaptation
+
+    calls = []
+    real = adaptation.adapt
+
+    def counted(model, slices, **keywords):
+        calls.append(np.shape(slices))
+        return real(model, slices, **keywords)
+
+    monkeypatch.setattr(adaptation, "adapt", counted)
+    page = AppTest.from_file(os.path.join(ROOT, "app.py"), default_timeout=300)
+    page.run()
+    page.radio[0].set_value("Sample image").run()
+    [sample] = [box for box in page.selectbox if box.label == "Sample image"]
+    sample.set_value("eCT_Supplemental.dcm").run()
+    [steps] = [box for box in page.number_input if box.label.startswith("Adapt to this image")]
+    steps.set_value(2).run()
+    assert not page.exception and not page.error, [e.value for e in page.error]
+    assert len(calls) == 1 and calls[0][0] == 2  # both frames of the volume, once
+    assert any("adapted to this input: 2 self-supervised steps" in c.value for c in page.caption)
+    [whole] = [box for box in page.checkbox if box.label.startswith("Download all 2 slices")]
+    whole.check().run()
+    assert not page.exception and not page.error, [e.value for e in page.error]
+    assert len(calls) == 1  # the download's volume reused the adapted copy
+    steps.set_value(3).run()  # other settings: adapted again
+    assert len(calls) == 2
