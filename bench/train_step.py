@@ -20,6 +20,9 @@ own (``loop.distributed_step``: the trainer's ``train_step`` under ``strategy.ru
 - ``+ split perceptual``: targets and predictions through the backbone in two calls
   (``losses.PerceptualLoss``), so that its backward pass runs through the predictions
   only (adversarial phase; the pixel phase has no perceptual term);
+- ``+ folded backbone BN``: the frozen perceptual backbone's batch normalisations folded
+  into the convolutions before them (``losses.fold_batch_norms``: MobileNetV2's 40;
+  VGG19 has none, so for SRGAN it is the former step again; adversarial phase only);
 - ``all`` (today's default);
 - ``former, XLA``: the former pixel-loss step compiled with ``jit_compile=True`` (timed
   over fewer windows: each call is slow).
@@ -43,17 +46,22 @@ from bench.train import timed_window
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("swift_srgan", "srgan")
 FORMER = {"fused_batch_norm": False, "tail_before_shuffle": False, "fused_prelu": False}
-JOINED = "joined_perceptual"  # not a model option: the bench swaps the former perceptual loss in
+JOINED = "joined_perceptual"  # not model options: the bench swaps the former perceptual loss in
+FOLDED = "folded_perceptual_bn"
+LOSS_OPTIONS = (JOINED, FOLDED)
 CONFIGS = {
-    "former": {**FORMER, JOINED: True},
-    "+ fused BN": {**FORMER, "fused_batch_norm": True, JOINED: True},
-    "+ tail before shuffle": {**FORMER, "tail_before_shuffle": True, JOINED: True},
-    "+ fused PReLU": {**FORMER, "fused_prelu": True, JOINED: True},
-    "+ split perceptual": {**FORMER, JOINED: False},
-    "all": {"fused_batch_norm": True, "tail_before_shuffle": True, "fused_prelu": True, JOINED: False},
+    "former": {**FORMER, JOINED: True, FOLDED: False},
+    "+ fused BN": {**FORMER, "fused_batch_norm": True, JOINED: True, FOLDED: False},
+    "+ tail before shuffle": {**FORMER, "tail_before_shuffle": True, JOINED: True, FOLDED: False},
+    "+ fused PReLU": {**FORMER, "fused_prelu": True, JOINED: True, FOLDED: False},
+    "+ split perceptual": {**FORMER, JOINED: False, FOLDED: False},
+    "+ folded backbone BN": {**FORMER, JOINED: True, FOLDED: True},
+    "all": {"fused_batch_norm": True, "tail_before_shuffle": True, "fused_prelu": True, JOINED: False, FOLDED: True},
 }
 DEFAULT = "all"
-PIXEL_ONLY_SKIPS = ("+ split perceptual",)  # the pixel phase has no perceptual term: the same as former
+# The pixel phase has no perceptual term: these are the former pixel step again.
+FOLDED_LABEL = "+ folded backbone BN"
+PIXEL_ONLY_SKIPS = ("+ split perceptual", FOLDED_LABEL)
 XLA = "former, XLA"
 TARGET = 1.5
 
@@ -88,10 +96,18 @@ class JoinedPerceptualLoss:
         return self.loss.weight * ops.mean(ops.square(prediction - target), axis=(1, 2, 3))
 
 
+def _has_batch_norm(perceptual_loss):
+    import keras
+
+    extractor = getattr(perceptual_loss, "extractor", None) or perceptual_loss.loss.extractor  # Joined wraps it
+    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in extractor.layers)
+
+
 def measure(name, args):
     """{phase: {configuration: [seconds per step, one per window]}} for model ``name``."""
     import tensorflow as tf
 
+    from sr_tf import losses
     from sr_tf.data import pipeline
     from sr_tf.training import loop
 
@@ -107,13 +123,17 @@ def measure(name, args):
         if label == XLA:
             built_all[label] = built_all["former"]
             continue
-        model_options = {key: value for key, value in options.items() if key != JOINED}
+        model_options = {key: value for key, value in options.items() if key not in LOSS_OPTIONS}
         config = loop.TrainConfig(model=name, scale=4, data=records, run_dir=os.devnull, batch_size=args.batch_size,
                                   patch_size=args.patch_size, strategy="default", progress=False,
                                   perceptual_weights="random", model_options=model_options,
                                   discriminator_options={"fused_batch_norm": options["fused_batch_norm"]},
                                   pretrain_steps=1, ema_decay=0.0, augment=False)  # the network's step alone
         built_all[label] = built = loop.build(config, strategy)
+        if not options[FOLDED]:
+            folded = built["gan"].perceptual_loss
+            built["gan"].perceptual_loss = losses.PerceptualLoss(folded.backbone, weights=folded.weights_path,
+                                                                 weight=folded.weight, fold_batch_norm=False)
         if options[JOINED]:
             built["gan"].perceptual_loss = JoinedPerceptualLoss(built["gan"].perceptual_loss)
     for label, built in built_all.items():
@@ -122,6 +142,8 @@ def measure(name, args):
                 continue  # compiling the perceptual backbone's step alone takes minutes
             if label in PIXEL_ONLY_SKIPS and phase == "pixel":
                 continue
+            if label == FOLDED_LABEL and not _has_batch_norm(built_all["former"]["gan"].perceptual_loss):
+                continue  # VGG19: nothing to fold, the former step again
             step = loop.distributed_step(strategy, trainer, jit_compile=label == XLA)
             steps[phase][label] = lambda step=step: float(step(batch)["loss"])
     seconds = {phase: {label: [] for label in calls} for phase, calls in steps.items()}
@@ -216,6 +238,11 @@ def markdown(results, args, wall):
         "predictions only. The backbone runs in inference mode, image by image: the same values. It "
         "matters for VGG19 (SRGAN), whose 16 convolutions up to `block5_conv4` are most of the "
         "adversarial step, and little for MobileNetV2 (Swift-SRGAN), which is light.",
+        "- **Folded backbone batch normalisation** (`losses.fold_batch_norms`): the perceptual backbone "
+        "is frozen and runs in inference mode, so each of MobileNetV2's 40 batch normalisations up to its tap "
+        "is a per-channel affine map, folded into the convolution before it (kernel and bias rescaled once, "
+        "when the loss is made): the same function, to float rounding, with one element-wise pass less per "
+        "layer forward and backward. VGG19 has no batch normalisation, so SRGAN's step is unchanged by it.",
         "- **XLA** (`jit_compile=True`) on the former pixel step: slower on this CPU, far slower for "
         "Swift-SRGAN (its depthwise and convolution backward kernels are not the oneDNN ones), so it is "
         "not used.",

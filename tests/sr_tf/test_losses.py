@@ -163,3 +163,65 @@ def test_perceptual_loss_is_per_image_and_differentiates_the_prediction_only(ran
     np.testing.assert_allclose(value, expected, rtol=1e-4)
     assert tape.gradient(value, hr) is None
     assert float(tf.reduce_max(tf.abs(tape.gradient(value, sr)))) > 0
+
+
+def _with_statistics(model, seed=0):
+    """``model`` with every batch normalisation's gamma, beta, mean and variance drawn at
+    random (seeded), so that folding them changes the kernels."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n), rng.normal(0, 0.2, n),
+                               rng.uniform(0.5, 2.0, n)])
+    return model
+
+
+def test_folding_the_backbones_batch_norms_keeps_its_features_and_gradients():
+    reference = _with_statistics(keras.applications.MobileNetV2(include_top=False, weights=None,
+                                                                input_shape=(None, None, 3)))
+    tap = keras.Model(reference.input, reference.get_layer("block_13_expand_relu").output)
+    before = [w.copy() for w in tap.get_weights()]
+    folded = losses.fold_batch_norms(tap)
+    count = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in tap.layers)
+    assert count == 40 and not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert [layer.name for layer in folded.layers[1:]] == [layer.name for layer in tap.layers[1:]]
+    assert not folded.trainable
+    x = tf.constant(images((2, 64, 48, 3), seed=5) * 2.0 - 1.0)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        want, got = tap(x, training=False), folded(x, training=False)
+        want_loss, got_loss = tf.reduce_sum(want**2), tf.reduce_sum(got**2)
+    scale = float(tf.reduce_max(tf.abs(want)))
+    np.testing.assert_allclose(got, want, atol=1e-5 * scale)
+    want_grad, got_grad = tape.gradient(want_loss, x), tape.gradient(got_loss, x)
+    np.testing.assert_allclose(got_grad, want_grad, atol=1e-4 * float(tf.reduce_max(tf.abs(want_grad))))
+    for a, b in zip(tap.get_weights(), before):  # the model folded from is unchanged
+        np.testing.assert_array_equal(a, b)
+
+
+def test_only_a_batch_norm_that_alone_reads_a_convolution_is_folded():
+    inputs = keras.Input((8, 8, 2))
+    shared = keras.layers.Conv2D(3, 3, padding="same", name="shared")(inputs)
+    kept = keras.layers.BatchNormalization(name="kept")(shared)  # the convolution has another reader
+    alone = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, use_bias=False, name="alone")(inputs)
+    folded_bn = keras.layers.BatchNormalization(name="folded")(alone)
+    after_add = keras.layers.BatchNormalization(name="after_add")(keras.layers.Add()([kept, shared]))
+    model = _with_statistics(keras.Model(inputs, [after_add, folded_bn]), seed=1)
+    folded = losses.fold_batch_norms(model)
+    norms = {layer.name for layer in folded.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    assert norms == {"kept", "after_add"}
+    assert folded.get_layer("alone").use_bias
+    x = images((2, 8, 8, 2), seed=6)
+    for got, want in zip(folded(x, training=False), model(x, training=False)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_perceptual_loss_is_the_same_with_its_batch_norms_folded():
+    folded = losses.PerceptualLoss("mobilenet_v2", weights=None, weight=1.0)
+    unfolded = losses.PerceptualLoss("mobilenet_v2", weights=None, weight=1.0, fold_batch_norm=False)
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in unfolded.extractor.layers)
+    a, b = images((2, 48, 48, 1), seed=7), images((2, 48, 48, 1), seed=8)
+    np.testing.assert_allclose(folded(a, b), unfolded(a, b), rtol=1e-4)
+    vgg = losses.PerceptualLoss("vgg19", weights=None)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in vgg.extractor.layers)
