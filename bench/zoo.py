@@ -183,7 +183,7 @@ def results_table(rows, names):
 def projection_table(rows, names):
     """Every model without and with data-consistency projection, and the time per image of each."""
     lines = ["| model | kind | x | model PSNR / SSIM / consistency | with projection | change | "
-             "time per image model / with projection |", "|---|---|---|---|---|---|---|"]
+             "squared error removed | time per image model / with projection |", "|---|---|---|---|---|---|---|---|"]
     from sr_tf import zoo
 
     for name in names:
@@ -196,8 +196,21 @@ def projection_table(rows, names):
         change = (f"{_mean(rows, name, PROJECTED, 'psnr') - _mean(rows, name, 'model', 'psnr'):+.2f} dB / "
                   f"{_mean(rows, name, PROJECTED, 'ssim') - _mean(rows, name, 'model', 'ssim'):+.4f}")
         times = f"{_mean(rows, name, 'model', 'seconds'):.3f} / {_mean(rows, name, PROJECTED, 'seconds'):.3f} s"
-        lines.append(f"| `{name}` | {recipe.kind} | {task} | {cells[0]} | {cells[1]} | {change} | {times} |")
+        lines.append(f"| `{name}` | {recipe.kind} | {task} | {cells[0]} | {cells[1]} | {change} | "
+                     f"{100 * error_removed(rows, name):.1f} % | {times} |")
     return "\n".join(lines)
+
+
+def error_removed(rows, name):
+    """Mean over images of the share of the model's squared error that projection removes
+    (1 - MSE with projection / MSE of the model, from the two PSNRs of each image)."""
+    psnr = collections.defaultdict(dict)
+    for r in rows:
+        if r["model"] == name and r["method"] in ("model", PROJECTED):
+            psnr[r["image"]][r["method"]] = r["psnr"]
+    shares = [1.0 - 10.0 ** (-(p[PROJECTED] - p["model"]) / 10.0) for p in psnr.values()
+              if len(p) == 2 and math.isfinite(p[PROJECTED] - p["model"])]
+    return float(np.mean(shares)) if shares else float("nan")
 
 
 def extras_table(rows, names):
@@ -269,6 +282,13 @@ def document(rows, names, figures, machine, adapt_steps=0):
               "the app and export.py), against the model alone on the same images. Time per image: the whole "
               "tiled inference of one development image (model, then model and projection), on the machine "
               "below.", "",
+              "The projection is the orthogonal projection onto the images whose degradation is the input, "
+              "and the true image is one of them; so the error left is the model's error less the part the "
+              "input can see (Pythagoras): the column \"squared error removed\" is that part, and the gain "
+              "in dB is -10 log10(1 - share). A gain of +0.3 dB needs 6.7 % of the error to be visible in the "
+              "input. The better a model reproduces its input (its consistency), the smaller that part: "
+              "projection adds most to weak models. Another consistent image could only do better by knowing "
+              "where the model errs beyond what the input shows.", "",
               projection_table(rows, names)]
     if any(r["method"] in (ENSEMBLED, ADAPTED) for r in rows):
         from sr_tf import adaptation
@@ -278,11 +298,14 @@ def document(rows, names, figures, machine, adapt_steps=0):
                   "(`sr_tf.ensemble`, `--ensemble`). Adaptation: a copy of the model fine-tuned on each LR "
                   f"input itself for {adapt_steps} steps (at most {adaptation.DEFAULT_SECONDS:.0f} s; batch "
                   f"{adaptation.DEFAULT_BATCH} crops of {adaptation.DEFAULT_PATCH} px, learning rate "
-                  f"{adaptation.DEFAULT_LEARNING_RATE:g}, `sr_tf.adaptation`, `--adapt_steps`), then run; its "
+                  f"{adaptation.DEFAULT_LEARNING_RATE:g}, the weights' moving average at {adaptation.DEFAULT_AVERAGE:g}, "
+                  "`sr_tf.adaptation`, `--adapt_steps`), then run; its "
                   "time includes the fine-tuning. Neither is combined with projection here. The artifact model "
-                  "is not adapted (its input has no coarser level), nor are inputs under "
-                  f"{adaptation.MIN_SIDE} x {adaptation.MIN_SIDE} pixels (the 64 x 64 MRs at x2 and x4): "
-                  "the change is against the model on the images adapted to.", "",
+                  "is not adapted (its input has no coarser level), nor are inputs whose pairs' inputs (the "
+                  f"input over the scale) are under {adaptation.MIN_PAIR_SIDE} px, where adaptation measured a "
+                  f"loss (under {adaptation.min_side(2)} px at x2, {adaptation.min_side(4)} px at x4: every "
+                  "development image at x4, and the 64 x 64 MRs at x2): the change is against the model on the "
+                  "images adapted to.", "",
                   extras_table(rows, names)]
     lines += ["", "## Targets", ""]
     for line, met in targets(rows, names):

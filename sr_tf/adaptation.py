@@ -13,7 +13,11 @@ number of steps and seconds and returns it; the model passed in is never changed
 The crops, their flips and rotations and the degradation's random draws come from
 ``seed``, so the same input, model and seed give the same adapted weights. Batch
 normalisation keeps its trained statistics (the copy runs in inference mode while it
-learns), since a few crops of one scan are no estimate of the population's.
+learns), since a few crops of one scan are no estimate of the population's. The copy
+returned has the exponential moving average of the weights over the steps (``average``,
+started at the trained weights), not the last step's: a few hundred steps on one scan's
+crops leave the last weights noisy, and the average both smooths that noise and keeps
+the copy near the model it started from.
 """
 
 import dataclasses
@@ -21,16 +25,22 @@ import time
 
 import numpy as np
 
-# Defaults chosen on the development set (docs/RESULTS.md, "Per-scan adaptation").
-DEFAULT_STEPS = 100  # what bench.zoo measures; upscale.py and evaluate.py adapt only when asked
+# Defaults chosen on the two development images large enough to adapt to (docs/RESULTS.md,
+# "Per-scan adaptation"; the sweep is in its text).
+DEFAULT_STEPS = 300  # what bench.zoo measures; upscale.py and evaluate.py adapt only when asked
 DEFAULT_PATCH = 96  # target crop size in input pixels (rounded down to a multiple of the scale)
 DEFAULT_BATCH = 8
-DEFAULT_LEARNING_RATE = 1e-5
+DEFAULT_LEARNING_RATE = 3e-5
+DEFAULT_AVERAGE = 0.99  # decay of the weights' moving average; 0: the last step's weights
 DEFAULT_SECONDS = 60.0
-# The smallest input side adapted to. Smaller inputs (a 64 x 64 MR at x4 is a 16 x 16
-# input) hold too few pairs: on the development set the fine-tuning then overfits them
-# and costs up to several dB, so they are refused.
-MIN_SIDE = 64
+# The smallest side of the pairs' inputs (the input's side over the scale: the input
+# degraded once more) adapted to. On the development set every adaptation whose pairs'
+# inputs were 32 px or less cost PSNR (a 64 x 64 MR at x2: up to several dB; the
+# 484 and 512 px images at x4, pairs' inputs of 30 and 32 px: -0.05 to -2.2 dB over the
+# four models and settings tried), while those of 121 and 128 px at x2 gained or held
+# (-0.37 to +0.42 dB). So an input is adapted to only when it is at least
+# MIN_PAIR_SIDE * scale pixels on its smaller side: 128 at x2, 256 at x4.
+MIN_PAIR_SIDE = 64
 MAX_SLICES = 32  # a longer volume adapts to this many of its slices, evenly spaced
 # Presets that degrade by downsampling, and the one each adapts with. ``self_supervised``
 # models learned one bicubic step, which is what their pairs are made with here.
@@ -54,19 +64,28 @@ class AdaptationReport:
     degradation: str
     patch: int
     stopped_by: str  # "steps" or "seconds"
+    average: float = 0.0  # the weights' moving-average decay (0: the last step's weights)
 
     def describe(self):
         """One line for a DerivationDescription or a report."""
+        averaged = f", weights averaged at {self.average:g}" if self.average else ""
         return (f"adapted to this input: {self.steps} self-supervised steps ({self.seconds:.0f} s, "
-                f"{self.degradation} pairs, seed {self.seed})")
+                f"{self.degradation} pairs, seed {self.seed}{averaged})")
 
 
-def check(steps, seconds=None):
-    """ValueError unless ``steps`` >= 0 and ``seconds`` (when given) > 0."""
+def check(steps, seconds=None, average=DEFAULT_AVERAGE):
+    """ValueError unless ``steps`` >= 0, ``seconds`` (when given) > 0 and 0 <= ``average`` < 1."""
     if isinstance(steps, bool) or int(steps) != steps or steps < 0:
         raise ValueError(f"adapt_steps must be a whole number >= 0, got {steps!r}")
     if seconds is not None and not seconds > 0:
         raise ValueError(f"adapt_seconds must be > 0, got {seconds!r}")
+    if isinstance(average, bool) or not isinstance(average, (int, float)) or not 0.0 <= average < 1.0:
+        raise ValueError(f"the adaptation's weight average must be in [0, 1), got {average!r}")
+
+
+def min_side(scale):
+    """The smallest input side adapted to at ``scale`` (see ``MIN_PAIR_SIDE``)."""
+    return MIN_PAIR_SIDE * int(scale)
 
 
 def _copy(model):
@@ -113,9 +132,10 @@ def _crops(slices, patch, batch, rng, weights):
 
 
 def adapt(model, slices, degradation="bicubic", steps=DEFAULT_STEPS, seconds=DEFAULT_SECONDS, seed=0, patch=DEFAULT_PATCH,
-          batch=DEFAULT_BATCH, learning_rate=DEFAULT_LEARNING_RATE):
+          batch=DEFAULT_BATCH, learning_rate=DEFAULT_LEARNING_RATE, average=DEFAULT_AVERAGE):
     """``(adapted copy of model, AdaptationReport)`` after at most ``steps`` steps and
-    ``seconds`` seconds of L1 fine-tuning on pairs made from ``slices``.
+    ``seconds`` seconds of L1 fine-tuning on pairs made from ``slices``; the copy has the
+    moving average of the weights with decay ``average`` (0: the last step's weights).
 
     ``model``: a Keras super-resolution model (``scale`` attribute). ``slices``: the LR
     input, (H, W) or (S, H, W) float32 in [0, 1]. Each step trains on ``batch`` crops of
@@ -130,7 +150,7 @@ def adapt(model, slices, degradation="bicubic", steps=DEFAULT_STEPS, seconds=DEF
 
     from sr_tf.data import degrade
 
-    check(steps, seconds)
+    check(steps, seconds, average)
     scale = getattr(model, "scale", None)
     if not isinstance(model, keras.Model) or scale is None:
         raise AdaptationError("adaptation needs a Keras model (.keras, a run folder or a zoo name), "
@@ -149,15 +169,19 @@ def adapt(model, slices, degradation="bicubic", steps=DEFAULT_STEPS, seconds=DEF
         slices = slices[np.linspace(0, len(slices) - 1, MAX_SLICES).round().astype(int)]
     side = min(slices.shape[1:3])
     size = min(int(patch), side) // scale * scale
-    if side < MIN_SIDE or size < 2 * scale:
-        raise AdaptationError(f"the input ({slices.shape[1]} x {slices.shape[2]}) is too small to adapt to "
-                              f"(at least {MIN_SIDE} x {MIN_SIDE} pixels)")
+    if side < min_side(scale) or size < 2 * scale:
+        raise AdaptationError(f"the input ({slices.shape[1]} x {slices.shape[2]}) is too small to adapt to at "
+                              f"x{scale} (at least {min_side(scale)} x {min_side(scale)} pixels, so that its "
+                              f"pairs' inputs are {MIN_PAIR_SIDE} px)")
     adapted = _copy(model)
     if steps == 0:
-        return adapted, AdaptationReport(0, 0.0, int(seed), float("nan"), float("nan"), preset, size, "steps")
+        return adapted, AdaptationReport(0, 0.0, int(seed), float("nan"), float("nan"), preset, size, "steps",
+                                         float(average))
     optimizer = keras.optimizers.Adam(learning_rate)
     variables = adapted.trainable_variables
     optimizer.build(variables)
+    means = [tf.Variable(v, trainable=False) for v in variables] if average else []
+    decay = tf.constant(float(average), tf.float32)
 
     @tf.function(reduce_retracing=True)
     def train_step(targets, step_seed):
@@ -166,6 +190,8 @@ def adapt(model, slices, degradation="bicubic", steps=DEFAULT_STEPS, seconds=DEF
             outputs = tf.cast(adapted(inputs, training=False), tf.float32)
             loss = tf.reduce_mean(tf.abs(outputs - targets))
         optimizer.apply(tape.gradient(loss, variables), variables)
+        for mean, variable in zip(means, variables):
+            mean.assign(decay * mean + (1.0 - decay) * tf.cast(variable, mean.dtype))
         return loss
 
     rng = np.random.default_rng(seed)
@@ -179,6 +205,8 @@ def adapt(model, slices, degradation="bicubic", steps=DEFAULT_STEPS, seconds=DEF
         if seconds is not None and time.perf_counter() - started >= seconds and step + 1 < steps:
             stopped_by = "seconds"
             break
+    for mean, variable in zip(means, variables):
+        variable.assign(mean)
     report = AdaptationReport(len(losses), time.perf_counter() - started, int(seed), losses[0], losses[-1], preset,
-                              size, stopped_by)
+                              size, stopped_by, float(average))
     return adapted, report

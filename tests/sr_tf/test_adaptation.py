@@ -11,9 +11,10 @@ from sr_tf.data import degrade
 
 
 @pytest.fixture(scope="module")
-def mr(testdata):
-    """pydicom's MR_small.dcm (64 x 64) scaled to [0, 1]: the LR input to adapt to."""
-    pixels = pydicom.dcmread(testdata("MR_small.dcm")).pixel_array.astype(np.float32)
+def ct(testdata):
+    """pydicom's CT_small.dcm (128 x 128, the smallest input adapted to at x2) scaled to
+    [0, 1]: the LR input to adapt to."""
+    pixels = pydicom.dcmread(testdata("CT_small.dcm")).pixel_array.astype(np.float32)
     return (pixels - pixels.min()) / (pixels.max() - pixels.min())
 
 
@@ -31,31 +32,50 @@ def pair_loss(model, image):
     return float(tf.reduce_mean(tf.abs(model(inputs, training=False) - targets)))
 
 
-def test_adaptation_lowers_the_loss_on_the_image_and_leaves_the_model_alone(tiny, mr):
+def test_adaptation_lowers_the_loss_on_the_image_and_leaves_the_model_alone(tiny, ct):
     before = [w.copy() for w in tiny.get_weights()]
-    adapted, report = adaptation.adapt(tiny, mr, steps=40, seconds=None, seed=1, patch=32, learning_rate=1e-3)
+    last, report = adaptation.adapt(tiny, ct, steps=40, seconds=None, seed=1, patch=32, learning_rate=1e-3,
+                                    average=0.0)
     assert report.steps == 40 and report.stopped_by == "steps" and report.patch == 32
-    assert pair_loss(adapted, mr) < 0.95 * pair_loss(tiny, mr)
+    assert pair_loss(last, ct) < 0.95 * pair_loss(tiny, ct)
+    averaged, report = adaptation.adapt(tiny, ct, steps=40, seconds=None, seed=1, patch=32, learning_rate=1e-3,
+                                        average=0.9)
+    assert pair_loss(averaged, ct) < 0.97 * pair_loss(tiny, ct)
     for a, b in zip(tiny.get_weights(), before):
         np.testing.assert_array_equal(a, b)
     assert "40 self-supervised steps" in report.describe() and "seed 1" in report.describe()
+    assert "weights averaged at 0.9" in report.describe()
 
 
-def test_adaptation_is_deterministic_with_a_seed(tiny, mr):
-    runs = [adaptation.adapt(tiny, mr, steps=5, seconds=None, seed=seed, patch=32, learning_rate=1e-3)[0]
+def test_the_copy_has_the_moving_average_of_the_weights(tiny, ct):
+    """After steps w1, w2 from w0, decay a gives a^2 w0 + a (1 - a) w1 + (1 - a) w2."""
+    keywords = dict(seconds=None, seed=2, patch=32, learning_rate=1e-2)
+    w0 = tiny.get_weights()
+    w1 = adaptation.adapt(tiny, ct, steps=1, average=0.0, **keywords)[0].get_weights()
+    w2 = adaptation.adapt(tiny, ct, steps=2, average=0.0, **keywords)[0].get_weights()
+    averaged = adaptation.adapt(tiny, ct, steps=2, average=0.75, **keywords)[0].get_weights()
+    changed = 0
+    for a0, a1, a2, got in zip(w0, w1, w2, averaged):
+        np.testing.assert_allclose(got, 0.75**2 * a0 + 0.75 * 0.25 * a1 + 0.25 * a2, rtol=1e-5, atol=1e-7)
+        changed += not np.allclose(a2, got)
+    assert changed  # not the last step's weights
+
+
+def test_adaptation_is_deterministic_with_a_seed(tiny, ct):
+    runs = [adaptation.adapt(tiny, ct, steps=5, seconds=None, seed=seed, patch=32, learning_rate=1e-3)[0]
             for seed in (3, 3, 4)]
     for a, b in zip(runs[0].get_weights(), runs[1].get_weights()):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(runs[0].get_weights(), runs[2].get_weights()))
 
 
-def test_adaptation_stops_at_its_time_limit(tiny, mr):
-    _, report = adaptation.adapt(tiny, mr, steps=10_000, seconds=1.0, seed=0, patch=32)
+def test_adaptation_stops_at_its_time_limit(tiny, ct):
+    _, report = adaptation.adapt(tiny, ct, steps=10_000, seconds=1.0, seed=0, patch=32)
     assert report.stopped_by == "seconds" and 1 <= report.steps < 10_000 and report.seconds < 20
 
 
-def test_zero_steps_is_a_copy(tiny, mr):
-    adapted, report = adaptation.adapt(tiny, np.stack([mr, mr]), steps=0)
+def test_zero_steps_is_a_copy(tiny, ct):
+    adapted, report = adaptation.adapt(tiny, np.stack([ct, ct]), steps=0)
     assert adapted is not tiny and report.steps == 0
     for a, b in zip(adapted.get_weights(), tiny.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -66,22 +86,33 @@ def test_zero_steps_is_a_copy(tiny, mr):
     (2.5, None, "adapt_steps must be a whole number"),
     (5, 0, "adapt_seconds must be > 0, got 0"),
 ])
-def test_bad_values_are_refused(tiny, mr, steps, seconds, message):
+def test_bad_values_are_refused(tiny, ct, steps, seconds, message):
     with pytest.raises(ValueError, match=message):
-        adaptation.adapt(tiny, mr, steps=steps, seconds=seconds)
+        adaptation.adapt(tiny, ct, steps=steps, seconds=seconds)
 
 
-def test_models_and_inputs_it_cannot_adapt(mr):
+@pytest.mark.parametrize("average", [1.0, -0.1, True])
+def test_a_bad_weight_average_is_refused(tiny, ct, average):
+    with pytest.raises(ValueError, match=r"weight average must be in \[0, 1\), got"):
+        adaptation.adapt(tiny, ct, steps=1, average=average)
+
+
+def test_models_and_inputs_it_cannot_adapt(ct):
     keras.utils.set_random_seed(0)
     restoration = models.build("residual_cnn", scale=1, filters=8)
     with pytest.raises(adaptation.AdaptationError, match="scale > 1"):
-        adaptation.adapt(restoration, mr, steps=1)
+        adaptation.adapt(restoration, ct, steps=1)
     with pytest.raises(adaptation.AdaptationError, match="needs a Keras model"):
-        adaptation.adapt(object(), mr, steps=1)
+        adaptation.adapt(object(), ct, steps=1)
     model = models.build("residual_cnn", scale=4, filters=8)
-    with pytest.raises(adaptation.AdaptationError, match=r"\(6 x 6\) is too small to adapt to \(at least 64 x 64 pixels\)"):
-        adaptation.adapt(model, mr[:6, :6], steps=1)
-    with pytest.raises(adaptation.AdaptationError, match="too small"):
-        adaptation.adapt(model, mr[:40], steps=1)
+    with pytest.raises(adaptation.AdaptationError, match=r"\(6 x 6\) is too small to adapt to at x4 "
+                                                         r"\(at least 256 x 256 pixels, so that its pairs' inputs "
+                                                         r"are 64 px\)"):
+        adaptation.adapt(model, ct[:6, :6], steps=1)
+    with pytest.raises(adaptation.AdaptationError, match=r"\(128 x 128\) is too small to adapt to at x4"):
+        adaptation.adapt(model, ct, steps=1)  # what x2 adapts to
+    x2 = models.build("residual_cnn", scale=2, filters=8)
+    with pytest.raises(adaptation.AdaptationError, match=r"\(127 x 128\) is too small to adapt to at x2"):
+        adaptation.adapt(x2, ct[:127], steps=1)
     with pytest.raises(adaptation.AdaptationError, match="'bilinear_artifacts' is not one of"):
-        adaptation.adapt(model, mr, steps=1, degradation="bilinear_artifacts")
+        adaptation.adapt(model, ct, steps=1, degradation="bilinear_artifacts")

@@ -176,9 +176,13 @@ def test_projection_is_reported_beside_the_model_with_its_time(tiny_run, tmp_pat
                        progress=False)
 
 
-def test_ensemble_and_adaptation_are_reported_beside_the_model(tiny_run, tmp_path):
+def test_ensemble_and_adaptation_are_reported_beside_the_model(tiny_run, tmp_path, testdata):
     predictor = inference.load_predictor(tiny_run["run"])
-    config = evaluation.EvalConfig(data=tiny_run["data"], split="test", scale=2, figures=0, ensemble=True,
+    # The 512 x 512 CT: at x2 its 256 px input is large enough to adapt to.
+    large = tmp_path / "large"
+    convert.convert([testdata("693_UNCI.dcm")], str(large), convert.Options(split_map={"CQ500-CT-310": "test"}),
+                    progress=False)
+    config = evaluation.EvalConfig(data=str(large), split="test", scale=2, figures=0, ensemble=True,
                                    adapt_steps=3, adapt_seed=1)
     rows, summary = evaluation.run(predictor, config, tmp_path / "out", progress=False)
     methods = summary["all"]
@@ -189,6 +193,10 @@ def test_ensemble_and_adaptation_are_reported_beside_the_model(tiny_run, tmp_pat
     assert abs(methods[evaluation.ENSEMBLED]["psnr"] - methods["model"]["psnr"]) < 1.0
     with pytest.raises(ValueError, match="adapt_steps must be a whole number >= 0"):
         evaluation.run(predictor, dataclasses.replace(config, adapt_steps=-1), tmp_path / "bad", progress=False)
+    # The 128 x 128 CT's 64 px input is too small to adapt to: no adapted row, the rest measured.
+    small_rows, _ = evaluation.run(predictor, dataclasses.replace(config, data=tiny_run["data"], ensemble=False),
+                                   tmp_path / "small", progress=False)
+    assert {r["method"] for r in small_rows} == {"model", "nearest", "bilinear", "bicubic", "lanczos"}
 
     class Nearest(inference.Predictor):  # a runtime without trainable weights (as TFLite)
         kind = "tflite"

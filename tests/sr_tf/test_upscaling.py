@@ -684,20 +684,20 @@ def test_uncertainty_maps_beside_each_format(testdata, monochrome1_crop, tmp_pat
 
 def test_adaptation_per_file_is_recorded_in_the_output(testdata, tiny_model, nearest, tmp_path):
     _, predictor = tiny_model
-    report = upscaling.upscale_file(predictor, testdata("MR_small.dcm"), tmp_path, tile=64, overlap=8,
+    report = upscaling.upscale_file(predictor, testdata("CT_small.dcm"), tmp_path, tile=64, overlap=8,
                                     adapt=dict(steps=3, seconds=None, seed=2, patch=32))
     assert report["status"] == "ok", report["error"]
     assert report["adaptation"]["steps"] == 3 and report["adaptation"]["seed"] == 2
     description = pydicom.dcmread(report["output"]).DerivationDescription
     assert "adapted to this input: 3 self-supervised steps" in description and "seed 2" in description
-    refused = upscaling.upscale_file(nearest, testdata("MR_small.dcm"), tmp_path / "no", adapt=dict(steps=3))
+    refused = upscaling.upscale_file(nearest, testdata("CT_small.dcm"), tmp_path / "no", adapt=dict(steps=3))
     assert refused["status"] == "failed" and "per-scan adaptation needs a Keras model" in refused["error"]
 
 
 def test_cli_ensemble_uncertainty_and_adaptation_flags(testdata, tiny_model, tmp_path):
     model, _ = tiny_model
     out = tmp_path / "out"
-    result = _cli(f"--model={model}", f"--input={testdata('MR_small.dcm')}", f"--output={out}", "--uncertainty",
+    result = _cli(f"--model={model}", f"--input={testdata('CT_small.dcm')}", f"--output={out}", "--uncertainty",
                   "--adapt_steps=2", "--seed=1", "--tile=64", "--overlap=8")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "upscale_report.json").read_text())
