@@ -45,7 +45,8 @@ flags.DEFINE_bool("uncertainty", False, "Also write an uncertainty map beside ea
 flags.DEFINE_float("uncertainty_threshold", ensemble.DEFAULT_THRESHOLD, "Uncertainty (in [0, 1] units of the "
                    "window) above which a pixel counts in the report's fraction.")
 flags.DEFINE_integer("adapt_steps", 0, "Fine-tune a copy of the model on each input for this many self-supervised "
-                     "steps before upscaling it (0: off; Keras models only).")
+                     "steps before upscaling it (0: off; Keras models only; an input under "
+                     f"{adaptation.MIN_PAIR_SIDE} px times the scale on its smaller side fails with the reason).")
 flags.DEFINE_float("adapt_seconds", adaptation.DEFAULT_SECONDS, "At most this many seconds of adaptation per file.")
 flags.DEFINE_integer("seed", 0, "Seed of the adaptation's crops and degradations.")
 flags.DEFINE_string("modality", None, "Modality of NIfTI and raster inputs (e.g. CT, MR, DX), as data_prep's "
