@@ -253,21 +253,23 @@ def describe(image, name):
 
 
 def adapted_predictor(predictor, image, image_key, adapt):
-    """``predictor`` adapted to ``image`` (all its slices) with the sidebar's ``adapt``
-    settings, made once per image, model and settings: the shown slice and the whole
-    volume's download come from the same adapted copy (under the seconds limit a second
-    adaptation could stop at another step)."""
+    """``predictor`` with its model adapted to ``image`` (all its slices) with the
+    sidebar's ``adapt`` settings. The adapted model is made once per image, model and
+    settings, and whatever runs around it (projection, self-ensemble) is put around it
+    again: the shown slice and the whole volume's download, with or without projection,
+    come from the same adapted copy (under the seconds limit a second adaptation could
+    stop at another step, and would cost its time again)."""
     cache = st.session_state.setdefault("adapted", {})
-    key = (image_key, predictor.path, inference.describe(predictor), repr(adapt))
+    key = (image_key, inference.innermost(predictor).path, repr(adapt))
     if key not in cache:
         with st.spinner(f"Adapting {predictor.name} to this image ({adapt['steps']} steps)..."):
-            cache[key] = upscaling.adapted(predictor, image, adapt)
+            cache[key] = inference.innermost(upscaling.adapted(predictor, image, adapt))
         while len(cache) > KEEP_RESULTS:
             cache.pop(next(iter(cache)))
-    return cache[key]
+    return inference.replace_innermost(predictor, cache[key])
 
 
-def run_upscale(predictor, image, slices, tile, overlap, adapt=None, image_key=None):
+def run_upscale(predictor, image, image_key, slices, tile, overlap, adapt=None):
     report = None
     if adapt is not None:
         predictor = adapted_predictor(predictor, image, image_key, adapt)
@@ -308,7 +310,7 @@ def result_for(predictor, image, key, name, slices, tile, overlap, adapt=None):
            "all" if slices is None else tuple(slices))
     if key not in results:
         try:
-            results[key] = run_upscale(predictor, image, slices, tile, overlap, adapt, image_key)
+            results[key] = run_upscale(predictor, image, image_key, slices, tile, overlap, adapt)
         except Exception as exc:  # noqa: BLE001 - shown, and the next input still works
             st.error(f"Cannot upscale {name} with {predictor.name}: {type(exc).__name__}: {exc}")
             return None
@@ -446,8 +448,9 @@ def main():
     if result is None:
         return
     if result.adaptation is not None:
-        st.caption(f"The model was {result.adaptation.describe()}; loss on the image's own pairs "
-                   f"{result.adaptation.first_loss:.4f} -> {result.adaptation.last_loss:.4f}.")
+        st.caption(f"The model was {result.adaptation.describe()}; training loss on the image's own pairs "
+                   f"{result.adaptation.first_loss:.4f} on the first step, {result.adaptation.last_loss:.4f} "
+                   "on the last.")
     lr, output = image.slices[index], result.upscaled[0]
     if result.bicubic is None:
         result.bicubic = display.bicubic(lr, scale)

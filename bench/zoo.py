@@ -284,8 +284,9 @@ def document(rows, names, figures, machine, adapt_steps=0):
               "below.", "",
               "The projection is the orthogonal projection onto the images whose degradation is the input, "
               "and the true image is one of them; so the error left is the model's error less the part the "
-              "input can see (Pythagoras): the column \"squared error removed\" is that part, and the gain "
-              "in dB is -10 log10(1 - share). A gain of +0.3 dB needs 6.7 % of the error to be visible in the "
+              "input can see (Pythagoras; exactly so without the clipping to [0, 1] and the shaved border): the "
+              "column \"squared error removed\" is that part (mean over images), and an image's gain in dB is "
+              "-10 log10(1 - share). A gain of +0.3 dB needs 6.7 % of the error to be visible in the "
               "input. The better a model reproduces its input (its consistency), the smaller that part: "
               "projection adds most to weak models. Another consistent image could only do better by knowing "
               "where the model errs beyond what the input shows.", "",

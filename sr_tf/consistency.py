@@ -20,10 +20,10 @@ convex sets: the consistent images and the valid range, whose intersection holds
 true image), so that the clip does not undo the agreement, as one clip at the end of
 the iteration does on an output far from its input.
 
-Being orthogonal, the projection removes exactly the part of the model's error that the
-input can see (the true image is consistent too, so the error left is the rest, by
-Pythagoras); how much PSNR it adds is a property of the model: little for one that
-already reproduces its input. Weighting the correction towards where the model changed
+Being orthogonal, the projection removes the part of the model's error that the input
+can see (the true image is consistent too, so the error left is the rest, by Pythagoras;
+exactly so without the clipping, at convergence, over the whole image); how much PSNR it
+adds is a property of the model: little for one that already reproduces its input. Weighting the correction towards where the model changed
 the bicubic image most, or towards edges (a preconditioned iteration that converges to
 another consistent image), measured 0.02 to 0.08 dB below the orthogonal projection on
 the development set, so it is not offered.

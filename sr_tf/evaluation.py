@@ -22,6 +22,7 @@ model's gain over bicubic in dB), and figures LR | bicubic | model | HR | |error
 
 import csv
 import dataclasses
+import logging
 import math
 import os
 
@@ -39,6 +40,7 @@ PROJECTED = "model+projection"  # the method name of the model followed by data-
 ENSEMBLED = "model+ensemble"  # the model averaged over the 8 flips and rotations (sr_tf.ensemble)
 ADAPTED = "model+adaptation"  # a copy of the model adapted to each image first (sr_tf.adaptation)
 CT_METRICS = ("rmse_hu", "mae_hu", "psnr_hu")
+log = logging.getLogger(__name__)
 # A model whose data consistency is more than this under bicubic's is flagged: its output,
 # degraded again, does not reproduce its own input (the mark of invented structure).
 CONSISTENCY_MARGIN_DB = 1.0
@@ -185,8 +187,8 @@ def run(predictor, config, output_dir, progress=True):
                 adapted = _adapted(predictor, model_input.numpy()[..., 0], config)
                 outputs[ADAPTED] = inference.tiled_predict(adapted, model_input.numpy(), config.tile, config.overlap)
                 seconds[ADAPTED] = time.perf_counter() - started  # adaptation and inference
-            except adaptation.AdaptationError:
-                pass
+            except adaptation.AdaptationError as exc:
+                log.warning("%s: no %s row: %s", name, ADAPTED, exc)
         size = tf.shape(hr)[0:2]
         for method, tf_method in BASELINES:
             outputs[method] = metrics.upsample(lr, size, tf_method)

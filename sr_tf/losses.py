@@ -196,15 +196,25 @@ def fold_batch_norms(model):
     output channel and the bias ``beta + (bias - mean) * scale``. The copy computes
     ``model(x, training=False)`` (to float rounding) with one element-wise pass less per
     folded layer, forward and backward; layer names are kept. ``model`` is unchanged."""
+    outputs = {id(tensor) for tensor in model.outputs}
     folded = {}  # batch normalisation name -> the convolution before it
     for layer in model.layers:
         if not isinstance(layer, layers.BatchNormalization) or layer.axis not in (-1, 3, [-1], [3]):
             continue
+        if len(layer._inbound_nodes) != 1:  # a shared layer: another call may read something else
+            continue
         source = layer.input._keras_history.operation
-        if isinstance(source, (layers.Conv2D, layers.DepthwiseConv2D)) and len(source._outbound_nodes) == 1:
+        if (isinstance(source, (layers.Conv2D, layers.DepthwiseConv2D))
+                and source.activation is keras.activations.linear
+                and source.data_format == "channels_last"
+                and len(source._inbound_nodes) == 1 and len(source._outbound_nodes) == 1
+                and id(layer.input) not in outputs):  # the convolution's output is read by the BN alone
             folded[layer.name] = source
     if not folded:
-        return model
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        copy.trainable = False
+        return copy
     norm_after = {conv.name: model.get_layer(name) for name, conv in folded.items()}  # convolution -> its BN
 
     def clone(layer):

@@ -360,6 +360,7 @@ def test_the_shown_slice_and_the_volume_download_share_one_adaptation(monkeypatc
         return real(model, slices, **keywords)
 
     monkeypatch.setattr(adaptation, "adapt", counted)
+    monkeypatch.setenv("SR_APP_MODEL", "residual_cnn_x2")  # the quickest zoo model to adapt and run
     page = AppTest.from_file(os.path.join(ROOT, "app.py"), default_timeout=300)
     page.run()
     page.radio[0].set_value("Sample image").run()
@@ -374,5 +375,9 @@ def test_the_shown_slice_and_the_volume_download_share_one_adaptation(monkeypatc
     whole.check().run()
     assert not page.exception and not page.error, [e.value for e in page.error]
     assert len(calls) == 1  # the download's volume reused the adapted copy
+    [projection] = [box for box in page.checkbox if box.label == "Data-consistency projection"]
+    projection.uncheck().run()  # what runs around the model changes, the adapted model does not
+    assert not page.exception and not page.error, [e.value for e in page.error]
+    assert len(calls) == 1
     steps.set_value(3).run()  # other settings: adapted again
     assert len(calls) == 2

@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import logging
 import math
 import os
 import subprocess
@@ -176,7 +177,7 @@ def test_projection_is_reported_beside_the_model_with_its_time(tiny_run, tmp_pat
                        progress=False)
 
 
-def test_ensemble_and_adaptation_are_reported_beside_the_model(tiny_run, tmp_path, testdata):
+def test_ensemble_and_adaptation_are_reported_beside_the_model(tiny_run, tmp_path, testdata, caplog):
     predictor = inference.load_predictor(tiny_run["run"])
     # The 512 x 512 CT: at x2 its 256 px input is large enough to adapt to.
     large = tmp_path / "large"
@@ -194,9 +195,12 @@ def test_ensemble_and_adaptation_are_reported_beside_the_model(tiny_run, tmp_pat
     with pytest.raises(ValueError, match="adapt_steps must be a whole number >= 0"):
         evaluation.run(predictor, dataclasses.replace(config, adapt_steps=-1), tmp_path / "bad", progress=False)
     # The 128 x 128 CT's 64 px input is too small to adapt to: no adapted row, the rest measured.
-    small_rows, _ = evaluation.run(predictor, dataclasses.replace(config, data=tiny_run["data"], ensemble=False),
-                                   tmp_path / "small", progress=False)
+    with caplog.at_level(logging.WARNING, logger="sr_tf.evaluation"):
+        small_rows, _ = evaluation.run(predictor, dataclasses.replace(config, data=tiny_run["data"], ensemble=False),
+                                       tmp_path / "small", progress=False)
     assert {r["method"] for r in small_rows} == {"model", "nearest", "bilinear", "bicubic", "lanczos"}
+    assert any("CT_small.dcm#0: no model+adaptation row: the input (64 x 64) is too small to adapt to at x2"
+               in r.getMessage() for r in caplog.records)
 
     class Nearest(inference.Predictor):  # a runtime without trainable weights (as TFLite)
         kind = "tflite"

@@ -207,21 +207,49 @@ def test_only_a_batch_norm_that_alone_reads_a_convolution_is_folded():
     alone = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, use_bias=False, name="alone")(inputs)
     folded_bn = keras.layers.BatchNormalization(name="folded")(alone)
     after_add = keras.layers.BatchNormalization(name="after_add")(keras.layers.Add()([kept, shared]))
-    model = _with_statistics(keras.Model(inputs, [after_add, folded_bn]), seed=1)
+    # a convolution with its own non-linearity, one whose output is also the model's, and
+    # one batch normalisation called twice are not folded either
+    relu = keras.layers.BatchNormalization(name="after_relu")(
+        keras.layers.Conv2D(2, 3, padding="same", activation="relu", name="relu_conv")(inputs))
+    exposed = keras.layers.Conv2D(2, 1, name="exposed")(inputs)
+    after_exposed = keras.layers.BatchNormalization(name="after_exposed")(exposed)
+    twice = keras.layers.BatchNormalization(name="twice")
+    first = twice(keras.layers.Conv2D(2, 1, name="first")(inputs))
+    second = twice(keras.layers.Conv2D(2, 1, name="second")(inputs))
+    model = _with_statistics(keras.Model(inputs, [after_add, folded_bn, relu, exposed, after_exposed, first, second]),
+                             seed=1)
     folded = losses.fold_batch_norms(model)
     norms = {layer.name for layer in folded.layers if isinstance(layer, keras.layers.BatchNormalization)}
-    assert norms == {"kept", "after_add"}
+    assert norms == {"kept", "after_add", "after_relu", "after_exposed", "twice"}
     assert folded.get_layer("alone").use_bias
     x = images((2, 8, 8, 2), seed=6)
     for got, want in zip(folded(x, training=False), model(x, training=False)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    nothing = losses.fold_batch_norms(keras.Model(inputs, exposed))  # nothing to fold: a frozen copy
+    assert nothing is not model and not nothing.trainable
 
 
-def test_the_perceptual_loss_is_the_same_with_its_batch_norms_folded():
-    folded = losses.PerceptualLoss("mobilenet_v2", weights=None, weight=1.0)
-    unfolded = losses.PerceptualLoss("mobilenet_v2", weights=None, weight=1.0, fold_batch_norm=False)
+def test_the_perceptual_loss_is_the_same_with_its_batch_norms_folded(offline):
+    # ImageNet-like statistics from a cached weights file, so that folding changes the kernels
+    reference = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(None, None, 3))
+    losses._he_normal_init(reference, seed=3)
+    rng = np.random.default_rng(3)
+    for layer in reference.layers:  # statistics near neutral, so the features neither vanish nor blow up
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.8, 1.2, n), rng.normal(0, 0.05, n), rng.normal(0, 0.05, n),
+                               rng.uniform(0.8, 1.25, n)])
+    (offline / "models").mkdir()
+    reference.save(offline / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+    folded = losses.PerceptualLoss("mobilenet_v2", weight=1.0)
+    unfolded = losses.PerceptualLoss("mobilenet_v2", weight=1.0, fold_batch_norm=False)
+    assert folded.weights_path == unfolded.weights_path == losses.cached_weights_path("mobilenet_v2")
     assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in unfolded.extractor.layers)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.extractor.layers)
     a, b = images((2, 48, 48, 1), seed=7), images((2, 48, 48, 1), seed=8)
+    want = unfolded.features(a)
+    assert float(tf.reduce_max(tf.abs(want))) > 1e-3  # features that carry the statistics
+    np.testing.assert_allclose(folded.features(a), want, atol=1e-4 * float(tf.reduce_max(tf.abs(want))))
     np.testing.assert_allclose(folded(a, b), unfolded(a, b), rtol=1e-4)
     vgg = losses.PerceptualLoss("vgg19", weights=None)
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in vgg.extractor.layers)
