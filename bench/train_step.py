@@ -59,9 +59,8 @@ CONFIGS = {
     "all": {"fused_batch_norm": True, "tail_before_shuffle": True, "fused_prelu": True, JOINED: False, FOLDED: True},
 }
 DEFAULT = "all"
-# The pixel phase has no perceptual term: these are the former pixel step again.
 FOLDED_LABEL = "+ folded backbone BN"
-PIXEL_ONLY_SKIPS = ("+ split perceptual", FOLDED_LABEL)
+PIXEL_ONLY_SKIPS = ("+ split perceptual", FOLDED_LABEL)  # the pixel phase has no perceptual term: the former step
 XLA = "former, XLA"
 TARGET = 1.5
 

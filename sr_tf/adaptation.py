@@ -26,8 +26,11 @@ import time
 
 import numpy as np
 
-# Defaults chosen on the two development images large enough to adapt to (docs/RESULTS.md,
-# "Per-scan adaptation"; the sweep is in its text).
+# Defaults chosen on the two development images large enough to adapt to at x2 (the
+# 484 x 484 MR and the 512 x 512 CT), mean PSNR change of residual_cnn_x2 / swift_srgan_x2:
+# 100 steps at 1e-5 +0.07 / +0.14 dB; 300 at 3e-5 +0.22 / -0.08; the same with the weight
+# average +0.24 / +0.04; 300 at 1e-4 with it +0.16 / -0.04 (seeds alone move a figure by
+# about 0.1 dB). docs/RESULTS.md has the defaults' figures.
 DEFAULT_STEPS = 300  # what bench.zoo measures; upscale.py and evaluate.py adapt only when asked
 DEFAULT_PATCH = 96  # target crop size in input pixels (rounded down to a multiple of the scale)
 DEFAULT_BATCH = 8
@@ -39,9 +42,10 @@ DEFAULT_SECONDS = 60.0
 # inputs were 32 px or less cost PSNR (a 64 x 64 MR at x2: up to several dB; the
 # 484 and 512 px images at x4, pairs' inputs of 30 and 32 px: -0.05 to -2.2 dB over the
 # four models and settings tried), while those of 121 and 128 px at x2 ranged from
-# -0.37 to +0.42 dB, +0.09 on average over the eight (model, settings) pairs tried. So an input is adapted
-# to only when it is at least MIN_PAIR_SIDE * scale pixels on its smaller side: 128 at
-# x2, 256 at x4. 64 lies between the sizes measured; nothing in between was measured.
+# -0.37 to +0.42 dB, +0.09 on average over the eight (model, settings) pairs tried. So
+# an input is adapted to only when it is at least MIN_PAIR_SIDE * scale pixels on its
+# smaller side: 128 at x2, 256 at x4. 64 lies between the sizes measured; nothing in
+# between was measured.
 MIN_PAIR_SIDE = 64
 MAX_SLICES = 32  # a longer volume adapts to this many of its slices, evenly spaced
 # Presets that degrade by downsampling, and the one each adapts with. ``self_supervised``

@@ -191,9 +191,11 @@ class _FoldedBatchNormalization(layers.Layer):
 
 def fold_batch_norms(model):
     """A frozen copy of functional ``model`` in which every batch normalisation that is
-    the only consumer of a convolution (``Conv2D`` or ``DepthwiseConv2D``) is folded into
-    it, for inference: the kernel scaled by ``gamma / sqrt(variance + epsilon)`` per
-    output channel and the bias ``beta + (bias - mean) * scale``. The copy computes
+    the only reader of a linear, channels-last convolution (``Conv2D`` or
+    ``DepthwiseConv2D``; neither layer shared, the convolution's output not one of the
+    model's) is folded into it, for inference: the kernel scaled by
+    ``gamma / sqrt(variance + epsilon)`` per output channel and the bias
+    ``beta + (bias - mean) * scale``. The copy computes
     ``model(x, training=False)`` (to float rounding) with one element-wise pass less per
     folded layer, forward and backward; layer names are kept. ``model`` is unchanged."""
     outputs = {id(tensor) for tensor in model.outputs}
@@ -210,11 +212,6 @@ def fold_batch_norms(model):
                 and len(source._inbound_nodes) == 1 and len(source._outbound_nodes) == 1
                 and id(layer.input) not in outputs):  # the convolution's output is read by the BN alone
             folded[layer.name] = source
-    if not folded:
-        copy = keras.models.clone_model(model)
-        copy.set_weights(model.get_weights())
-        copy.trainable = False
-        return copy
     norm_after = {conv.name: model.get_layer(name) for name, conv in folded.items()}  # convolution -> its BN
 
     def clone(layer):
