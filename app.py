@@ -305,18 +305,17 @@ def result_for(predictor, image, key, name, slices, tile, overlap, adapt=None):
     None after showing why it failed."""
     results = st.session_state.setdefault("results", {})
     projection = predictor.projection and predictor.projection.card()["description"]
-    image_key = key
-    key = (*key, predictor.path, projection, inference.describe(predictor), repr(adapt), tile, overlap,
-           "all" if slices is None else tuple(slices))
-    if key not in results:
+    result_key = (*key, predictor.path, projection, inference.describe(predictor), repr(adapt), tile, overlap,
+                  "all" if slices is None else tuple(slices))
+    if result_key not in results:
         try:
-            results[key] = run_upscale(predictor, image, image_key, slices, tile, overlap, adapt)
+            results[result_key] = run_upscale(predictor, image, key, slices, tile, overlap, adapt)
         except Exception as exc:  # noqa: BLE001 - shown, and the next input still works
             st.error(f"Cannot upscale {name} with {predictor.name}: {type(exc).__name__}: {exc}")
             return None
         while len(results) > KEEP_RESULTS:
             results.pop(next(iter(results)))
-    return results[key]
+    return results[result_key]
 
 
 def display_controls(image):

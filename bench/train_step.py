@@ -95,15 +95,9 @@ class JoinedPerceptualLoss:
         return self.loss.weight * ops.mean(ops.square(prediction - target), axis=(1, 2, 3))
 
 
-def _has_batch_norm(perceptual_loss):
-    import keras
-
-    extractor = getattr(perceptual_loss, "extractor", None) or perceptual_loss.loss.extractor  # Joined wraps it
-    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in extractor.layers)
-
-
 def measure(name, args):
     """{phase: {configuration: [seconds per step, one per window]}} for model ``name``."""
+    import keras
     import tensorflow as tf
 
     from sr_tf import losses
@@ -131,8 +125,9 @@ def measure(name, args):
         built_all[label] = built = loop.build(config, strategy)
         if not options[FOLDED]:
             folded = built["gan"].perceptual_loss
-            built["gan"].perceptual_loss = losses.PerceptualLoss(folded.backbone, weights=folded.weights_path,
-                                                                 weight=folded.weight, fold_batch_norm=False)
+            built["gan"].perceptual_loss = unfolded = losses.PerceptualLoss(
+                folded.backbone, weights=folded.weights_path, weight=folded.weight, fold_batch_norm=False)
+            foldable = any(isinstance(layer, keras.layers.BatchNormalization) for layer in unfolded.extractor.layers)
         if options[JOINED]:
             built["gan"].perceptual_loss = JoinedPerceptualLoss(built["gan"].perceptual_loss)
     for label, built in built_all.items():
@@ -141,7 +136,7 @@ def measure(name, args):
                 continue  # compiling the perceptual backbone's step alone takes minutes
             if label in PIXEL_ONLY_SKIPS and phase == "pixel":
                 continue
-            if label == FOLDED_LABEL and not _has_batch_norm(built_all["former"]["gan"].perceptual_loss):
+            if label == FOLDED_LABEL and not foldable:
                 continue  # VGG19: nothing to fold, the former step again
             step = loop.distributed_step(strategy, trainer, jit_compile=label == XLA)
             steps[phase][label] = lambda step=step: float(step(batch)["loss"])
