@@ -24,6 +24,9 @@ own (``loop.distributed_step``: the trainer's ``train_step`` under ``strategy.ru
   into the convolutions before them (``losses.fold_batch_norms``: MobileNetV2's 40;
   VGG19 has none, so for SRGAN it is the former step again; adversarial phase only);
 - ``all`` (today's default);
+- ``all, mixed_bfloat16``: the default under ``--precision=mixed_bfloat16`` (float32
+  variables, convolutions in bfloat16 where the CPU has BF16 instructions). Not the same
+  function to float32 rounding, so not counted for the target: reported beside it;
 - ``former, XLA``: the former pixel-loss step compiled with ``jit_compile=True`` (timed
   over fewer windows: each call is slow).
 
@@ -48,7 +51,8 @@ NAMES = ("swift_srgan", "srgan")
 FORMER = {"fused_batch_norm": False, "tail_before_shuffle": False, "fused_prelu": False}
 JOINED = "joined_perceptual"  # not model options: the bench swaps the former perceptual loss in
 FOLDED = "folded_perceptual_bn"
-LOSS_OPTIONS = (JOINED, FOLDED)
+POLICY = "policy"
+LOSS_OPTIONS = (JOINED, FOLDED, POLICY)  # options of the step that are not the model's
 CONFIGS = {
     "former": {**FORMER, JOINED: True, FOLDED: False},
     "+ fused BN": {**FORMER, "fused_batch_norm": True, JOINED: True, FOLDED: False},
@@ -59,6 +63,8 @@ CONFIGS = {
     "all": {"fused_batch_norm": True, "tail_before_shuffle": True, "fused_prelu": True, JOINED: False, FOLDED: True},
 }
 DEFAULT = "all"
+BFLOAT16 = "all, mixed_bfloat16"
+CONFIGS[BFLOAT16] = {**CONFIGS[DEFAULT], POLICY: "mixed_bfloat16"}
 FOLDED_LABEL = "+ folded backbone BN"
 PIXEL_ONLY_SKIPS = ("+ split perceptual", FOLDED_LABEL)  # the pixel phase has no perceptual term: the former step
 XLA = "former, XLA"
@@ -122,7 +128,8 @@ def measure(name, args):
                                   perceptual_weights="random", model_options=model_options,
                                   discriminator_options={"fused_batch_norm": options["fused_batch_norm"]},
                                   pretrain_steps=1, ema_decay=0.0, augment=False)  # the network's step alone
-        built_all[label] = built = loop.build(config, strategy)
+        with loop.global_policy(options.get(POLICY, "float32")):
+            built_all[label] = built = loop.build(config, strategy)
         if not options[FOLDED]:
             folded = built["gan"].perceptual_loss
             built["gan"].perceptual_loss = unfolded = losses.PerceptualLoss(
@@ -194,7 +201,8 @@ def markdown(results, args, wall):
         "| model | phase | configuration | ms per step | speed-up over former |",
         "|---|---|---|---:|---:|",
     ]
-    summary = ["", f"| model | phase | speed-up of the default | {TARGET}x target |", "|---|---|---:|---|"]
+    summary = ["", f"| model | phase | speed-up of the default | {TARGET}x target | with mixed_bfloat16 |",
+               "|---|---|---:|---|---:|"]
     for name, seconds in results.items():
         for phase, times in seconds.items():
             for label in (*CONFIGS, XLA):
@@ -205,7 +213,9 @@ def markdown(results, args, wall):
                 shown = f"{label} (default)" if label == DEFAULT else label
                 lines.append(f"| {name} | {phase} | {shown} | {ms:,.0f} | {speed} |")
             speedup = ratios(times, DEFAULT)
-            summary.append(f"| {name} | {phase} | {speedup:.2f}x | {'met' if speedup >= TARGET else 'not met'} |")
+            bfloat16 = f"{ratios(times, BFLOAT16):.2f}x" if times.get(BFLOAT16) else ""
+            summary.append(f"| {name} | {phase} | {speedup:.2f}x | {'met' if speedup >= TARGET else 'not met'} "
+                           f"| {bfloat16} |")
     lines += summary
     srgan_gflop = srgan_pixel_gflop(args.batch_size, args.patch_size)
     default_ms = statistics.median(results["srgan"]["pixel"][DEFAULT]) if "srgan" in results else None
@@ -254,7 +264,20 @@ def markdown(results, args, wall):
         "at about 85 % of its op time. Running the input gradient as a forward convolution with the "
         "flipped kernel (measured alone: as fast as oneDNN's own backward kernel) and the 9x9 head as "
         "patches and a matrix product (3.5 times slower) gave nothing; what remains would change the "
-        "numerics (bfloat16, whose AVX-512 instructions this CPU has), which this target excludes.",
+        "numerics (bfloat16, below), which this target excludes.",
+        "- **Winograd F(2x2, 3x3)** for the 3x3 convolutions (2.25 times fewer multiplications): written "
+        "in TensorFlow ops (input and output transforms as strided slices and sums, or the input "
+        "transform as a fixed 4x4 depthwise convolution, then 16 batched matrix products), the body "
+        "convolution's forward and backward pass on a batch of 16 LR patches took 10 to 15 times as long "
+        "as oneDNN's direct convolution: the transforms' many small ops cost far more than the arithmetic "
+        "saved. Not used.",
+        "- **bfloat16** (`train.py --precision=mixed_bfloat16`, the row `all, mixed_bfloat16`): the "
+        "default step with its convolutions in bfloat16 (variables, losses and outputs float32), on this "
+        "CPU's AVX-512 BF16 instructions. It is not the same function to float32 rounding (8 bits of "
+        "mantissa in the convolutions), so it is not counted for the target; what it costs in quality "
+        "is measured by `bench.precision` (section \"precision\"). It pays only on a CPU with BF16 "
+        "instructions (avx512_bf16, AMX) or a GPU, so it is never the default, and train.py warns when "
+        "asked for it on a CPU without them.",
         "- Not tried further: NCHW layout (no CPU kernels for the pixel shuffle).",
     ]
     return "\n".join(lines)

@@ -226,7 +226,7 @@ def machine():
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
+    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     return {"cpu": cpu, "cores": os.cpu_count(), "vector_extensions": vector, "gpus": gpus,
             "python": platform.python_version(), "tensorflow": tf.__version__}

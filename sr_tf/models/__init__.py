@@ -8,7 +8,7 @@ height and width are free. Options are the model class's keyword arguments (``fi
 ``num_blocks``, ``codebook_size``, ...); their defaults are the published configurations.
 Models come back built (weights created) for inputs of shape (None, None, None, channels).
 
-Outputs are float32 in [0, 1] (float32 also under a ``mixed_float16`` policy). Every
+Outputs are float32 in [0, 1] (float32 also under a ``mixed_float16`` or ``mixed_bfloat16`` policy). Every
 model by default adds a learned correction to the interpolated input (bicubic; the input
 itself at scale 1), faded where the image is flat and clipped, straight-through while
 training (``blocks.ResidualOutput``); srgan and swift_srgan start from bicubic exactly

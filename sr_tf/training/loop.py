@@ -42,6 +42,7 @@ DEFAULT_PERCEPTUAL = {"srgan": "vgg19", "swift_srgan": "mobilenet_v2"}
 DEGRADE_ON = ("auto", "pipeline", "device")
 LR_SCHEDULES = ("constant", "cosine", "step")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _setting(default, help_text):
@@ -103,7 +104,11 @@ class TrainConfig:
                                   "e.g. a PSNR-trained model before adversarial fine-tuning.")
     verify_shards: bool = _setting(True, "Check every shard's SHA-256 against the manifest before training "
                                          "(sizes are always checked); false skips the hashing for very large data.")
-    mixed_precision: bool = _setting(False, "mixed_float16 compute (GPU).")
+    precision: str = _setting("float32", "Compute precision: float32; mixed_float16 (GPUs, with loss scaling); "
+                                         "mixed_bfloat16 (GPUs, and CPUs with AVX-512 BF16 or AMX instructions, "
+                                         "where it makes the convolutions of a step faster). Variables, losses and "
+                                         "model outputs stay float32, and the saved generator computes in float32.")
+    mixed_precision: bool = _setting(False, "Shorthand for --precision=mixed_float16.")
     strategy: str = _setting("auto", "Distribution strategy (auto: multi_worker when TF_CONFIG names several "
                                      "workers, mirrored with several GPUs, else default).")
     seed: int = _setting(0, "Random seed.")
@@ -134,6 +139,7 @@ class TrainConfig:
             "perceptual": ("auto", "none", *losses.BACKBONES),
             "lr_schedule": LR_SCHEDULES,
             "strategy": STRATEGIES,
+            "precision": PRECISIONS,
         }
 
     @classmethod
@@ -209,6 +215,14 @@ class TrainConfig:
             )
         if self.max_minutes < 0:
             raise ValueError(f"--max_minutes must be 0 (no budget) or positive, got {self.max_minutes}")
+        if self.mixed_precision and self.precision not in ("float32", "mixed_float16"):
+            raise ValueError(f"--mixed_precision means --precision=mixed_float16, not --precision={self.precision}; "
+                             "give one of them")
+
+    def policy(self):
+        """The Keras dtype policy the run computes under (``precision``, or
+        ``mixed_float16`` for ``mixed_precision``)."""
+        return "mixed_float16" if self.mixed_precision else self.precision
 
 
 class TrainingError(RuntimeError):
@@ -272,7 +286,7 @@ def _optimizer(config, base_rate):
     import keras
 
     optimizer = keras.optimizers.Adam(_schedule(config, base_rate), beta_1=0.9, beta_2=0.999)
-    if config.mixed_precision:
+    if config.policy() == "mixed_float16":  # bfloat16 has float32's exponent range: no loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
@@ -551,13 +565,52 @@ def train(config, flags_text=None, strategy=None):
     Raises :class:`TrainingError` on a non-finite loss, after logging which step and
     which checkpoint is the last good one; nothing is saved from the bad step.
     """
+    config.check()
+    with global_policy(config.policy()):
+        return _train(config, flags_text, strategy)
+
+
+@contextlib.contextmanager
+def global_policy(name):
+    """Keras' global dtype policy set to ``name`` while the block runs (the models,
+    losses and optimizers of a run are made under it), and put back after."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def float32_copy(model):
+    """``model`` itself when it computes in float32, else a copy of it with its weights
+    that does: what a run saves, since a mixed-precision generator deploys in float32
+    (export and the CPU kernels of inference; bfloat16 without the CPU's BF16
+    instructions is emulated and slow)."""
+    import keras
+
+    if model.compute_dtype == "float32":
+        return model
+    config = {key: value for key, value in model.get_config().items() if key != "dtype"}
+    with global_policy("float32"):
+        copy = type(model).from_config(config)
+        copy(np.zeros((1, 16, 16, getattr(model, "channels", 1)), np.float32))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _train(config, flags_text, strategy):
+    """:func:`train` under the run's dtype policy."""
+    from sr_tf import zoo
     from sr_tf.data import degrade
 
-    config.check()
-    if config.mixed_precision:
-        import keras
-
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    if config.policy() == "mixed_bfloat16":
+        machine = zoo.machine()
+        if not machine["gpus"] and not {"avx512_bf16", "amx_tile"} & set(machine["vector_extensions"]):
+            log.warning("--precision=mixed_bfloat16 on a CPU without BF16 instructions (avx512_bf16, AMX) and no "
+                        "GPU: its bfloat16 arithmetic is emulated and likely slower than float32")
     strategy = strategy or make_strategy(config.strategy)
     if config.max_minutes and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # Each worker would read its own clock and stop at a different step: a deadlock.
@@ -673,7 +726,7 @@ def train(config, flags_text=None, strategy=None):
         from sr_tf.io import files
 
         with weights, files.atomic_path(os.path.join(run_dir, "generator.keras")) as temporary:
-            generator.save(temporary)  # a reader never sees a half-written model
+            float32_copy(generator).save(temporary)  # a reader never sees a half-written model
         files.write_json_atomic(os.path.join(run_dir, "result.json"), {
             "step": int(step.numpy()), "timed_out": timed_out,
             "train_seconds": round(time.perf_counter() - started, 1),

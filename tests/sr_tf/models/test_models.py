@@ -27,12 +27,12 @@ def images(shape=(2, 7, 9, 1), seed=0):
     return np.random.default_rng(seed).random(shape, dtype=np.float32)
 
 
-@pytest.fixture
-def mixed_precision():
+@pytest.fixture(params=["mixed_float16", "mixed_bfloat16"])
+def mixed_precision(request):
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16")
+    keras.config.set_dtype_policy(request.param)
     try:
-        yield
+        yield request.param.removeprefix("mixed_")
     finally:
         keras.config.set_dtype_policy(previous)
 
@@ -124,9 +124,9 @@ def test_discriminator_any_crop_size_and_round_trip(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", models.NAMES)
-def test_mixed_float16_output_is_float32(name, mixed_precision):
+def test_mixed_precision_output_is_float32(name, mixed_precision):
     model = models.build(name, scale=2, **TINY[name])
-    assert model.compute_dtype == "float16"
+    assert model.compute_dtype == mixed_precision
     assert model(images(), training=True).dtype == "float32"
     if models.is_gan(name):
         assert models.build_discriminator(name, **TINY_CRITIC)(images((1, 16, 16, 1))).dtype == "float32"

@@ -314,6 +314,44 @@ def test_weight_average_is_evaluated_and_the_better_weights_saved(tiny_records, 
         np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=1e-6)
 
 
+def test_bfloat16_run_learns_and_saves_a_float32_generator(tiny_records, tmp_path):
+    import keras
+
+    config = tiny_config(tiny_records, tmp_path / "run", "srgan", steps=16, pretrain_steps=16,
+                         precision="mixed_bfloat16")
+    result = loop.train(config)
+    assert keras.mixed_precision.global_policy().name == "float32"  # the run's policy is put back
+    trained = result["generator"]
+    assert trained.compute_dtype == "bfloat16" and trained.variable_dtype == "float32"
+    assert not isinstance(result["supervised"].g_optimizer, keras.optimizers.LossScaleOptimizer)
+    pixel = read_metric(config.run_dir, "pretrain", "pixel")
+    assert np.mean(pixel[-4:]) < np.mean(pixel[:4]), pixel
+    saved = keras.saving.load_model(os.path.join(config.run_dir, "generator.keras"))
+    assert saved.compute_dtype == "float32"
+    for mine, theirs in zip(saved.weights, trained.weights):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    x = np.random.default_rng(0).random((1, 16, 16, 1), dtype=np.float32)
+    exact, rounded = np.asarray(saved(x)), np.asarray(trained(x))
+    assert exact.dtype == rounded.dtype == np.float32
+    np.testing.assert_allclose(exact, rounded, atol=0.02)  # bfloat16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("precision, scaled", [("float32", False), ("mixed_float16", True), ("mixed_bfloat16", False)])
+def test_only_float16_scales_the_loss(precision, scaled):
+    import keras
+
+    optimizer = loop._optimizer(loop.TrainConfig(precision=precision), 1e-4)
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == scaled
+    assert loop.TrainConfig(mixed_precision=True).policy() == "mixed_float16"
+
+
+def test_precision_settings_are_checked(tiny_records, tmp_path):
+    with pytest.raises(ValueError, match="--precision must be one of float32, mixed_float16, mixed_bfloat16"):
+        tiny_config(tiny_records, tmp_path / "run", precision="float64").check()
+    with pytest.raises(ValueError, match="--mixed_precision means --precision=mixed_float16"):
+        tiny_config(tiny_records, tmp_path / "run", precision="mixed_bfloat16", mixed_precision=True).check()
+
+
 def test_weight_average_update_and_swap():
     from sr_tf.training.trainers import WeightAverage
 
