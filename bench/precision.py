@@ -1,11 +1,11 @@
 """Does a mixed_bfloat16 run train as well as a float32 one? The same run in both, one after the other.
 
-    python -m bench.precision                       # SRGAN x4, 400 pixel-loss steps; writes the "precision" section
-    python -m bench.precision --models srgan swift_srgan --steps 200 --no_write
+    python -m bench.precision                       # SRGAN and Swift-SRGAN x4, 400 pixel-loss steps; writes the "precision" section
+    python -m bench.precision --models srgan --steps 200 --no_write
 
 ``bench.train_step`` measures what ``--precision=mixed_bfloat16`` saves in a step; this
 measures what it costs. For each model the same ``loop.train`` run (the embedded sample
-set, ``train.py``'s defaults but ``--steps`` pixel-loss steps, seed 0) is made under
+set, ``train.py``'s defaults but ``--steps`` pixel-loss steps and no warm-up, seed 0) is made under
 float32 and under mixed_bfloat16, each in a fresh subprocess. Each saved generator (float32
 whatever the run computed in: ``loop.float32_copy``) is then evaluated on the sample
 set's validation split with ``sr_tf.evaluation``, as ``evaluate.py`` would: PSNR and SSIM
@@ -28,7 +28,7 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["srgan"], choices=NAMES)
+    parser.add_argument("--models", nargs="*", default=["srgan", "swift_srgan"], choices=NAMES)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--records", default=os.path.join(ROOT, "tfrecords", "samples"))
@@ -54,7 +54,8 @@ def one_run(name, precision, run_dir, args):
     _, summary = evaluation.run(predictor, eval_config, os.path.join(run_dir, "evaluation"), progress=False)
     pooled = summary["all"]
     print(json.dumps({"model": name, "precision": precision, "seconds": seconds, "steps": result["step"],
-                      "compute_dtype": predictor.model.compute_dtype, "n": pooled["model"]["n"],
+                      "trained_in": result["generator"].compute_dtype, "saved_in": predictor.model.compute_dtype,
+                      "n": pooled["model"]["n"],
                       "psnr": pooled["model"]["psnr"], "ssim": pooled["model"]["ssim"],
                       "bicubic_psnr": pooled["bicubic"]["psnr"], "bicubic_ssim": pooled["bicubic"]["ssim"]}))
 
@@ -69,8 +70,8 @@ def markdown(rows, args):
         "",
         f"`python -m bench.precision` on {machine()} ({cpu['cpu']}; {', '.join(cpu['vector_extensions'])}), "
         f"TensorFlow {cpu['tensorflow']}. Each model trained {args.steps} pixel-loss steps at x{args.scale} "
-        "(train.py's defaults otherwise: batch 16, HR patch 96, L1, cosine schedule, weight average, "
-        "augmentation; seed 0) on the embedded sample set under each precision, one run after the other; "
+        "(train.py's defaults otherwise, but no warm-up: batch 16, HR patch 96, L1, cosine schedule, weight "
+        "average, augmentation; seed 0) on the embedded sample set under each precision, one run after the other; "
         f"the saved generator (float32 in both) evaluated on the sample set's validation split ({rows[0]['n']} "
         "images). The loop's wall time includes its input pipeline, validation and weight average, which "
         "bfloat16 does not speed up; `bench.train_step` times the step alone.",
@@ -104,8 +105,10 @@ def main(argv=None):
                 command = [sys.executable, "-m", "bench.precision", "--one", name, precision, run_dir,
                            "--steps", str(args.steps), "--scale", str(args.scale), "--records", args.records]
                 print(f"{name} {precision}: training {args.steps} steps", flush=True)
-                out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
+                done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{name} {precision} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(f"  {rows[-1]}", flush=True)
     text = markdown(rows, args)
     print(text)

@@ -3,7 +3,7 @@
     python -m bench.train_step                      # both GANs, both phases; writes the "train_step" section
     python -m bench.train_step --models swift_srgan --no_write
 
-Every configuration computes the same function on the same batch (global batch 16, HR
+Every configuration but ``all, mixed_bfloat16`` computes the same function on the same batch (global batch 16, HR
 patch 96, x4, the default strategy): the trainers come from
 ``sr_tf.training.loop.build`` with ``train.py``'s losses, and the step is the loop's
 own (``loop.distributed_step``: the trainer's ``train_step`` under ``strategy.run`` in a
@@ -194,7 +194,7 @@ def markdown(results, args, wall):
         "",
         f"`python -m bench.train_step` on {machine()} ({cpu['cpu']}; {', '.join(cpu['vector_extensions'])}), "
         f"TensorFlow {cpu['tensorflow']}; whole run {wall / 60:.1f} min. Global batch {args.batch_size}, HR patch "
-        f"{args.patch_size}, x4, default strategy, one fixed batch; every configuration the same function. "
+        f"{args.patch_size}, x4, default strategy, one fixed batch; every configuration but `all, mixed_bfloat16` the same function. "
         f"Median ms per step over {args.windows} alternating windows of at least {args.window_seconds:g} s "
         "(XLA: 2 windows); speed-up = median of the within-window ratios former / configuration.",
         "",
@@ -272,10 +272,11 @@ def markdown(results, args, wall):
         "as oneDNN's direct convolution: the transforms' many small ops cost far more than the arithmetic "
         "saved. Not used.",
         "- **bfloat16** (`train.py --precision=mixed_bfloat16`, the row `all, mixed_bfloat16`): the "
-        "default step with its convolutions in bfloat16 (variables, losses and outputs float32), on this "
-        "CPU's AVX-512 BF16 instructions. It is not the same function to float32 rounding (8 bits of "
-        "mantissa in the convolutions), so it is not counted for the target; what it costs in quality "
-        "is measured by `bench.precision` (section \"precision\"). It pays only on a CPU with BF16 "
+        "default step with its networks computing in bfloat16 (generator, discriminator and perceptual "
+        "backbone; variables, the loss arithmetic and the model's output stay float32), on this CPU's "
+        "AVX-512 BF16 instructions. It is not the same function to float32 rounding (8 bits of mantissa), "
+        "so it is not counted for the target; what it costs in quality is measured by `bench.precision` "
+        "(section \"precision\": the pixel-loss phase only). It pays only on a CPU with BF16 "
         "instructions (avx512_bf16, AMX) or a GPU, so it is never the default, and train.py warns when "
         "asked for it on a CPU without them.",
         "- Not tried further: NCHW layout (no CPU kernels for the pixel shuffle).",

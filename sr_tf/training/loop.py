@@ -473,8 +473,10 @@ RESUME_FIELDS = ("model", "scale", "degradation", "model_options", "ema_decay", 
 
 def _check_resumable(config):
     """TrainingError when ``--resume`` would continue the run in ``config.run_dir`` with
-    another model, options or weight average than it was started with (a run of an older
-    version lacks the newer fields: their old defaults stand for them)."""
+    another model, options or weight average than it was started with, or across loss
+    scaling (mixed_float16's optimizer checkpoints another state than float32's and
+    mixed_bfloat16's, which can continue each other). A run of an older version lacks the
+    newer fields: their old defaults stand for them."""
     path = os.path.join(config.run_dir, "config.json")
     if not os.path.isfile(path):
         return
@@ -482,6 +484,10 @@ def _check_resumable(config):
         started = {**dataclasses.asdict(TrainConfig()), "ema_decay": 0.0, **json.load(f)}
     differ = [f"--{name}: the run has {started[name]!r}, this command {getattr(config, name)!r}"
               for name in RESUME_FIELDS if started.get(name) != getattr(config, name)]
+    before = TrainConfig(precision=started["precision"], mixed_precision=started["mixed_precision"]).policy()
+    if (before == "mixed_float16") != (config.policy() == "mixed_float16"):
+        differ.append(f"--precision: the run trained in {before}, this command {config.policy()} (loss scaling "
+                      "only in mixed_float16)")
     if differ:
         raise TrainingError(f"cannot resume {config.run_dir} with other settings ({'; '.join(differ)}); "
                             f"resume with its own: --flagfile={os.path.join(config.run_dir, 'flags.txt')} --resume")
@@ -606,12 +612,12 @@ def _train(config, flags_text, strategy):
     from sr_tf import zoo
     from sr_tf.data import degrade
 
+    strategy = strategy or make_strategy(config.strategy)  # first: a multi-worker strategy needs a fresh runtime
     if config.policy() == "mixed_bfloat16":
         machine = zoo.machine()
         if not machine["gpus"] and not {"avx512_bf16", "amx_tile"} & set(machine["vector_extensions"]):
             log.warning("--precision=mixed_bfloat16 on a CPU without BF16 instructions (avx512_bf16, AMX) and no "
                         "GPU: its bfloat16 arithmetic is emulated and likely slower than float32")
-    strategy = strategy or make_strategy(config.strategy)
     if config.max_minutes and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # Each worker would read its own clock and stop at a different step: a deadlock.
         raise TrainingError("--max_minutes cannot be used with several workers; set --steps instead")

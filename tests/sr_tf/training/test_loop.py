@@ -1,5 +1,6 @@
 """The one training loop: every family learns, strategies agree, runs resume and stop cleanly."""
 
+import contextlib
 import csv
 import json
 import os
@@ -318,7 +319,7 @@ def test_bfloat16_run_learns_and_saves_a_float32_generator(tiny_records, tmp_pat
     import keras
 
     config = tiny_config(tiny_records, tmp_path / "run", "srgan", steps=16, pretrain_steps=16,
-                         precision="mixed_bfloat16")
+                         precision="mixed_bfloat16", ema_decay=0.9, eval_every=8)
     result = loop.train(config)
     assert keras.mixed_precision.global_policy().name == "float32"  # the run's policy is put back
     trained = result["generator"]
@@ -328,10 +329,18 @@ def test_bfloat16_run_learns_and_saves_a_float32_generator(tiny_records, tmp_pat
     assert np.mean(pixel[-4:]) < np.mean(pixel[:4]), pixel
     saved = keras.saving.load_model(os.path.join(config.run_dir, "generator.keras"))
     assert saved.compute_dtype == "float32"
-    for mine, theirs in zip(saved.weights, trained.weights):
+    # The weights saved are the better of the trained and the averaged ones, as in float32.
+    source = result["average"].averages if result["weights"] == "average" else trained.trainable_variables
+    assert len(saved.trainable_variables) == len(source) and len(saved.weights) == len(trained.weights)
+    for mine, theirs in zip(saved.trainable_variables, source):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    for mine, theirs in zip(saved.non_trainable_variables, trained.non_trainable_variables):
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
     x = np.random.default_rng(0).random((1, 16, 16, 1), dtype=np.float32)
-    exact, rounded = np.asarray(saved(x)), np.asarray(trained(x))
+    averaged = result["weights"] == "average"
+    with result["average"].applied(trained.trainable_variables) if averaged else contextlib.nullcontext():
+        rounded = np.asarray(trained(x))
+    exact = np.asarray(saved(x))
     assert exact.dtype == rounded.dtype == np.float32
     np.testing.assert_allclose(exact, rounded, atol=0.02)  # bfloat16 keeps 8 bits of mantissa
 
@@ -390,6 +399,12 @@ def test_resume_refuses_other_settings(tiny_records, tmp_path):
     other = tiny_config(tiny_records, tmp_path / "run", steps=4, resume=True, ema_decay=0.9)
     with pytest.raises(loop.TrainingError, match=r"--ema_decay: the run has 0.0, this command 0.9.*--flagfile="):
         loop.train(other)
+    scaled = tiny_config(tiny_records, tmp_path / "run", steps=4, resume=True, mixed_precision=True)
+    with pytest.raises(loop.TrainingError, match="the run trained in float32, this command mixed_float16"):
+        loop.train(scaled)
+    # float32 and mixed_bfloat16 checkpoint the same state: a run continues in the other.
+    resumed = loop.train(tiny_config(tiny_records, tmp_path / "run", steps=4, resume=True, precision="mixed_bfloat16"))
+    assert resumed["step"] == 4 and resumed["generator"].compute_dtype == "bfloat16"
 
 
 def test_validation_images_of_different_sizes(tmp_path, testdata):
