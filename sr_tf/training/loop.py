@@ -595,8 +595,6 @@ def float32_copy(model):
     that does: what a run saves, since a mixed-precision generator deploys in float32
     (export and the CPU kernels of inference; bfloat16 without the CPU's BF16
     instructions is emulated and slow)."""
-    import keras
-
     if model.compute_dtype == "float32":
         return model
     config = {key: value for key, value in model.get_config().items() if key != "dtype"}
