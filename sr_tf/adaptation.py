@@ -108,14 +108,6 @@ def min_side(scale):
     return MIN_PAIR_SIDE * int(scale)
 
 
-def _copy(model):
-    """A new model with ``model``'s configuration and weights."""
-    copy = type(model).from_config(model.get_config())
-    copy(np.zeros((1, 16, 16, getattr(model, "channels", 1)), np.float32))
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 def _crop_weights(slices, patch):
     """Per slice, the probability of each crop origin: proportional to the crop's mean
     gradient magnitude (Shocher et al. sample crops by their gradients, so that the steps
@@ -168,6 +160,7 @@ def adapt(model, slices, degradation="bicubic", steps=DEFAULT_STEPS, seconds=DEF
     import keras
     import tensorflow as tf
 
+    from sr_tf import models
     from sr_tf.data import degrade
 
     check(steps, seconds, average)
@@ -194,7 +187,7 @@ def adapt(model, slices, degradation="bicubic", steps=DEFAULT_STEPS, seconds=DEF
                               f"x{scale} (at least {min_side(scale)} x {min_side(scale)} pixels, so that its "
                               f"pairs' inputs are {MIN_PAIR_SIDE} px)")
     started = time.perf_counter()  # ``seconds`` bounds the whole adaptation: the copy and set-up too
-    adapted = _copy(model)
+    adapted = models.copy(model)
     if steps == 0:
         return adapted, AdaptationReport(0, time.perf_counter() - started, int(seed), float("nan"), float("nan"),
                                          preset, size, "steps", 0.0)

@@ -16,6 +16,7 @@ and take ``residual=False`` for the published form, ``(tanh(x) + 1) / 2`` withou
 """
 
 import keras
+import numpy as np
 
 from sr_tf.models.blocks import SCALES, num_doublings
 from sr_tf.models.residual_cnn import ResidualCNN
@@ -78,4 +79,21 @@ def build_discriminator(name, channels=1, **options):
     return model
 
 
-__all__ = ["NAMES", "SCALES", "build", "build_discriminator", "is_gan", "pretrained"]
+def copy(model, policy=None):
+    """A new model with ``model``'s configuration and weights. ``policy`` (a Keras dtype
+    policy name, e.g. "float32"): the copy computes under it instead of the model's own."""
+    config = model.get_config()
+    previous = keras.config.dtype_policy()
+    if policy is not None:
+        config = {key: value for key, value in config.items() if key != "dtype"}
+        keras.config.set_dtype_policy(policy)
+    try:
+        duplicate = type(model).from_config(config)
+        duplicate(np.zeros((1, 16, 16, getattr(model, "channels", 1)), np.float32))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    duplicate.set_weights(model.get_weights())
+    return duplicate
+
+
+__all__ = ["NAMES", "SCALES", "build", "build_discriminator", "copy", "is_gan", "pretrained"]

@@ -595,14 +595,9 @@ def float32_copy(model):
     that does: what a run saves, since a mixed-precision generator deploys in float32
     (export and the CPU kernels of inference; bfloat16 without the CPU's BF16
     instructions is emulated and slow)."""
-    if model.compute_dtype == "float32":
-        return model
-    config = {key: value for key, value in model.get_config().items() if key != "dtype"}
-    with global_policy("float32"):
-        copy = type(model).from_config(config)
-        copy(np.zeros((1, 16, 16, getattr(model, "channels", 1)), np.float32))
-    copy.set_weights(model.get_weights())
-    return copy
+    from sr_tf import models
+
+    return model if model.compute_dtype == "float32" else models.copy(model, "float32")
 
 
 def _train(config, flags_text, strategy):
